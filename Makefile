@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  `make run` (the default search)  and  `make test`.
+# Both set up what they need first: Debian's Fashion-MNIST package and a virtualenv.
+
+VENV ?= .venv
+DATA_DIR ?= /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
+
+.PHONY: setup data run test test-slow clean
+
+setup: data $(VENV)/.installed
+
+data: $(DATA_DIR)/train-images-idx3-ubyte.gz
+
+$(DATA_DIR)/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y dataset-fashion-mnist
+
+# torch is installed on its own first, pinned, so that no later requirement can pull a
+# multi-GB CUDA build onto a CPU machine.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/autocompress run experiments/fmnist_cnn.yaml
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-slow: setup
+	$(VENV)/bin/pytest -q -m slow
+
+clean:
+	rm -rf runs

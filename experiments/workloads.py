@@ -1,0 +1,265 @@
+"""Workloads: a trained baseline with its data splits.
+
+The baseline is trained once and cached on disk under a hash of everything that defines
+its weights, so a second run (or a resumed one) loads it instead of retraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments.data import (
+    DEFAULT_FASHION_MNIST_DIR,
+    Split,
+    fashion_mnist_files,
+    load_fashion_mnist,
+    split_train_val,
+    subset,
+)
+from experiments.models import MODELS
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    epochs: int = 8
+    lr: float = 0.05
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"workload.training.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+                raise ValueError(
+                    f"workload.training.{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {value}"
+                )
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module  # the trained baseline, in eval mode
+    factory: Callable[[], nn.Module]  # the untrained architecture, to rebuild models from stored weights
+    train: Split
+    val: Split
+    test: Split
+    example_inputs: torch.Tensor  # a batch of one
+    fingerprint: str
+    metric: str = "accuracy"
+
+
+def resolve_callable(spec: str, what: str) -> Callable:
+    """Resolve ``package.module:function``; errors name the config key `what`."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} must be a built-in name or an import path 'package.module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{what}: cannot import module {module_name!r} from {spec!r} ({error})") from None
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{what}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{what}: {spec!r} is not callable")
+    return target
+
+
+def _factory(model: str) -> Callable[[], nn.Module]:
+    if model in MODELS:
+        return MODELS[model]
+    if ":" not in model:
+        raise ValueError(
+            f"workload.model must be one of {sorted(MODELS)} or an import path 'package.module:function', got {model!r}"
+        )
+    return resolve_callable(model, "workload.model")
+
+
+def _as_split(value: Any, what: str) -> Split:
+    if hasattr(value, "x") and hasattr(value, "y"):
+        return Split(torch.as_tensor(value.x, dtype=torch.float32), torch.as_tensor(value.y, dtype=torch.int64))
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return Split(torch.as_tensor(value[0], dtype=torch.float32), torch.as_tensor(value[1], dtype=torch.int64))
+    raise ValueError(f"{what} must return (train, test) splits, each with .x/.y or an (x, y) pair")
+
+
+def _load_dataset(dataset: str, data_dir: str | None) -> tuple[Split, Split, str]:
+    """(train, test, identity) where identity says what data this was, for the fingerprint."""
+    if dataset == "fashion-mnist":
+        files = fashion_mnist_files(data_dir)
+        train, test = load_fashion_mnist(data_dir)
+        return train, test, json.dumps({p.name: p.stat().st_size for p in files.values()}, sort_keys=True)
+    if ":" not in dataset:
+        raise ValueError(
+            f"workload.dataset must be 'fashion-mnist' or an import path 'package.module:function', got {dataset!r}"
+        )
+    result = resolve_callable(dataset, "workload.dataset")(data_dir)
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise ValueError("workload.dataset must return a (train, test) pair")
+    train, test = (_as_split(s, "workload.dataset") for s in result)
+    identity = hashlib.sha256(train.x.numpy().tobytes()[: 1 << 20] + train.y.numpy().tobytes()).hexdigest()
+    return train, test, identity
+
+
+def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(split), batch_size):
+            correct += (model(split.x[i : i + batch_size]).argmax(1) == split.y[i : i + batch_size]).sum().item()
+    return correct / max(1, len(split))
+
+
+def train_baseline(
+    model: nn.Module, train: Split, val: Split, recipe: TrainingRecipe, seed: int, progress: Callable[[str], None]
+) -> nn.Module:
+    """SGD with momentum and a cosine schedule: a plain, reproducible recipe."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )
+    steps = recipe.epochs * math.ceil(len(train) / recipe.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for epoch in range(recipe.epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        total = 0.0
+        for i in range(0, len(train), recipe.batch_size):
+            idx = order[i : i + recipe.batch_size]
+            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+        accuracy = evaluate_accuracy(model, val)
+        progress(
+            f"baseline epoch {epoch + 1}/{recipe.epochs}: loss {total / len(train):.4f}, val accuracy {accuracy:.4f}"
+        )
+    return model.eval()
+
+
+def cache_dir_default() -> Path:
+    return Path(os.environ.get("AUTOCOMPRESS_CACHE") or Path.home() / ".cache" / "autocompress")
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_state_dict(path: str | Path, model: nn.Module, what: str) -> None:
+    """Load a plain state dict with weights_only=True; refuse pickles and mismatches by name."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{what}: no such file {str(path)!r}") from None
+    except Exception as error:  # weights_only refuses arbitrary pickles with an UnpicklingError
+        raise ValueError(f"{what}: {path} is not a loadable state dict ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what}: {path} does not hold a state dict of tensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{what}: {path} does not match the model architecture: {error}") from None
+
+
+def build_workload(
+    model: str,
+    dataset: str = "fashion-mnist",
+    data_dir: str | None = None,
+    val_size: int = 5000,
+    split_seed: int = 0,
+    train_subset: int | None = None,
+    val_subset: int | None = None,
+    test_subset: int | None = None,
+    training: TrainingRecipe | dict | None = None,
+    checkpoint: str | None = None,
+    cache_dir: Path | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Workload:
+    progress = progress or logger.info
+    recipe = training if isinstance(training, TrainingRecipe) else TrainingRecipe(**(training or {}))
+    factory = _factory(model)
+    net = factory()
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"workload.model: {model!r} returned {type(net).__name__}, not a torch.nn.Module")
+
+    full_train, test, data_identity = _load_dataset(dataset, data_dir)
+    train, val = split_train_val(full_train, val_size, split_seed)
+    train = subset(train, train_subset, split_seed)
+    val = subset(val, val_subset, split_seed)
+    test = subset(test, test_subset, split_seed)
+    example_inputs = train.x[:1].clone()
+
+    definition = {
+        "model": model,
+        "architecture": repr(net),
+        "shapes": {k: list(v.shape) for k, v in net.state_dict().items()},
+        "dataset": dataset,
+        "data": data_identity,
+        "val_size": val_size,
+        "split_seed": split_seed,
+        "train_subset": train_subset,
+        "recipe": dataclasses.asdict(recipe),
+        "seed": seed,
+        "torch": torch.__version__.split("+")[0],
+    }
+    if checkpoint:
+        load_state_dict(checkpoint, net, "workload.checkpoint")
+        definition["checkpoint"] = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+        fingerprint = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+    else:
+        fingerprint = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+        path = (cache_dir or cache_dir_default()) / "baselines" / f"{fingerprint}.pt"
+        if path.exists():
+            progress(f"baseline {model}: loading cached weights {path}")
+            load_state_dict(path, net, "cached baseline")
+        else:
+            progress(f"baseline {model}: training {recipe.epochs} epochs on {len(train)} samples (cached afterwards)")
+            train_baseline(net, train, val, recipe, seed, progress)
+            _save_atomically(net.state_dict(), path)
+    net.eval()
+    name = model if model in MODELS else model.rsplit(":", 1)[-1]
+    return Workload(name, net, factory, train, val, test, example_inputs, fingerprint)
+
+
+__all__ = [
+    "DEFAULT_FASHION_MNIST_DIR",
+    "TrainingRecipe",
+    "Workload",
+    "build_workload",
+    "evaluate_accuracy",
+    "resolve_callable",
+]

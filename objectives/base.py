@@ -1,0 +1,88 @@
+"""The objective contract: a named, unit-carrying number measured on a deployable model.
+
+Objectives receive plain things (a file, a runner, a predict function) and never import
+`strategies`, so they can also measure a model the user exported some other way.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ObjectiveError(Exception):
+    """A measurement could not produce a finite number. The trial fails with this reason."""
+
+
+@dataclass
+class Candidate:
+    """A compressed model in its deployable form.
+
+    - `artifact_path`: the packed weights file as stored.
+    - `run`: runs one batch on the runtime (what latency times). Takes a float32 numpy array.
+    - `predict`: logits for a batch of inputs, as the runtime computes them.
+    - `model`: the PyTorch module, for parameter and MAC counts.
+    """
+
+    artifact_path: Path
+    run: Callable[[np.ndarray], object]
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    model: nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    batch_size: int = 1
+    threads: int = 1
+    warmup: int = 10
+    repeats: int = 50
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "threads", "repeats"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"latency.{key} must be a whole number >= 1, got {value!r}")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
+            raise ValueError(f"latency.warmup must be a whole number >= 0, got {self.warmup!r}")
+
+
+@dataclass
+class EvalContext:
+    """What objectives need besides the candidate. Built once per study."""
+
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    example_inputs: torch.Tensor
+    latency: LatencySettings = field(default_factory=LatencySettings)
+    eval_batch_size: int = 1000
+
+
+class Objective(ABC):
+    """Subclasses set `name`, `unit` and `direction`, and implement `evaluate`."""
+
+    name: ClassVar[str]
+    unit: ClassVar[str]
+    direction: ClassVar[Literal["maximize", "minimize"]]
+
+    @abstractmethod
+    def evaluate(self, candidate: Candidate, context: EvalContext) -> float:
+        """A finite float, or raise ObjectiveError."""
+
+    def measure(self, candidate: Candidate, context: EvalContext) -> dict[str, float]:
+        """The objective value under `name`, plus any extra metrics worth logging."""
+        return {self.name: self.evaluate(candidate, context)}
+
+
+def finite(name: str, value: float) -> float:
+    """Return `value` as a float, or raise ObjectiveError if it is NaN or infinite."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ObjectiveError(f"{name} is not finite: {value}")
+    return value

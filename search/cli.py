@@ -1,0 +1,168 @@
+"""The `autocompress` command. Exit codes: 0 success, 2 usage or config error, 1 anything else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+logger = logging.getLogger("autocompress")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep our own wording
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"autocompress: error: {message}\n")
+
+
+def _setup_logging(verbose: bool) -> None:
+    import mlflow  # noqa: F401  - mlflow configures its loggers on import; set ours after that
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    quiet = logging.DEBUG if verbose else logging.WARNING
+    for name in ("optuna", "mlflow", "alembic", "torch", "torch_pruning", "onnxruntime", "matplotlib"):
+        logging.getLogger(name).setLevel(quiet)
+    for name in ("search", "strategies", "objectives", "experiments", "autocompress"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if verbose else optuna.logging.WARNING)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    if not verbose:
+        warnings.filterwarnings("ignore")
+
+
+def _default_run_dir(config_name: str) -> Path:
+    return Path("runs") / config_name
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from search.config import load_config
+    from search.report import format_table
+    from search.study import finished_trials, prepare, run_search
+
+    overrides = list(args.set or [])
+    if args.data_dir:
+        overrides.append(f"workload.data_dir={args.data_dir}")
+    config = load_config(args.config, overrides)
+    n_trials = args.n_trials if args.n_trials is not None else config.search.n_trials
+    if n_trials < 0:
+        raise _usage(f"--n-trials must be >= 0, got {n_trials}")
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.name)
+
+    started = time.perf_counter()
+    prepared = prepare(config, run_dir, progress=logger.info)
+    baseline = prepared.baseline
+
+    def on_trial(study, trial) -> None:
+        attrs = trial.user_attrs
+        done = f"[{finished_trials(study)}/{n_trials}] trial {trial.number}"
+        if trial.state.name == "COMPLETE":
+            logger.info(
+                "%s COMPLETE  acc %.4f  size %.1f kB (%.1fx)  latency %.3f ms (%.2fx)  %.1fs",
+                done,
+                attrs.get("accuracy", float("nan")),
+                attrs.get("size_bytes", float("nan")) / 1024,
+                attrs.get("compression_ratio", float("nan")),
+                attrs.get("latency_ms", float("nan")),
+                attrs.get("speedup", float("nan")),
+                attrs.get("trial_seconds", float("nan")),
+            )
+        else:
+            logger.info("%s %s  %s", done, trial.state.name, attrs.get("fail_reason", ""))
+
+    result = run_search(prepared, n_trials, on_trial=on_trial)
+    print()
+    print(
+        f"baseline: accuracy {baseline['accuracy']:.4f}  size {baseline['size_bytes'] / 1024:.1f} kB  "
+        f"latency {baseline['latency_ms']:.3f} ms ({config.latency.runtime}, batch {config.latency.batch_size}, "
+        f"{config.latency.threads} thread{'s' if config.latency.threads > 1 else ''})"
+    )
+    n_complete = sum(r["state"] == "COMPLETE" for r in result.rows)
+    n_failed = sum(r["state"] == "FAIL" for r in result.rows)
+    print(f"study {config.name!r}: {n_complete} complete, {n_failed} failed, {len(result.pareto)} Pareto-optimal")
+    print()
+    print(format_table(result.pareto) if result.pareto else "no completed trials, so no Pareto front")
+    print()
+    print(f"results: {result.table_path}  plot: {result.plot_path}  ({time.perf_counter() - started:.0f}s)")
+    print(f"review in the MLflow UI: autocompress ui --run-dir {run_dir}")
+    return EXIT_OK
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from search.tracking import sqlite_uri
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "mlflow.db").exists():
+        raise _usage(f"--run-dir {run_dir} holds no mlflow.db; run a search there first")
+    command = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", sqlite_uri(run_dir),
+        "--host", args.host, "--port", str(args.port),
+    ]  # fmt: skip
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    os.execv(sys.executable, command)
+    return EXIT_OK  # pragma: no cover - execv does not return
+
+
+class UsageError(Exception):
+    pass
+
+
+def _usage(message: str) -> UsageError:
+    return UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="autocompress", description="Search pruning x quantization x distillation strategies.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, including Optuna and MLflow")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run (or resume) a search")
+    run.add_argument("config", help="experiment YAML, e.g. experiments/fmnist_cnn.yaml")
+    run.add_argument("--n-trials", type=int, help="target number of finished trials for the whole study")
+    run.add_argument("--run-dir", help="where the study, the MLflow store and artifacts live (default runs/<name>)")
+    run.add_argument("--data-dir", help="directory with the dataset files (overrides workload.data_dir)")
+    run.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. search.sampler=random"
+    )
+    run.set_defaults(func=cmd_run)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on a run directory's store")
+    ui.add_argument("--run-dir", required=True)
+    ui.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the UI has no authentication)"
+    )
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from experiments.data import DatasetMissingError
+    from search.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError, DatasetMissingError) as error:
+        print(f"autocompress: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("autocompress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug or an environment failure: say so loudly, with the trace
+        logger.exception("autocompress: unexpected error: %s", error)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

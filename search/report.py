@@ -1,0 +1,88 @@
+"""Results as a CSV table, a Pareto plot and the text table the CLI prints."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+METRIC_COLUMNS = ("accuracy", "size_bytes", "latency_ms", "compression_ratio", "speedup", "accuracy_drop")
+
+
+def param_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Namespaced parameter names (``pruning.structured_ratio``) present in any row."""
+    return sorted({k for row in rows for k in row if "." in k and not k.startswith("mlflow")})
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    columns = ["trial", "state", "pareto", *param_columns(rows)]
+    columns += sorted({k for row in rows for k in row} - set(columns) - {"fail_reason"}) + ["fail_reason"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in columns})
+    return path
+
+
+def write_plot(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    front = [r for r in done if r["pareto"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "size_bytes", "artifact size (kB)"), (axes[1], "latency_ms", "latency (ms)")):
+        scale = 1 / 1024 if key == "size_bytes" else 1.0
+
+        def xs(group):
+            return [r[key] * scale for r in group if key in r]
+
+        def ys(group):
+            return [r["accuracy"] for r in group if key in r]
+
+        ax.scatter(xs(done), ys(done), s=18, c="0.6", label="trials")
+        ax.scatter(xs(front), ys(front), s=36, c="tab:red", label="Pareto-optimal")
+        if key in baseline:
+            ax.scatter([baseline[key] * scale], [baseline["accuracy"]], marker="*", s=160, c="k", label="baseline")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("val accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if key == "size_bytes":
+        return f"{value / 1024:.1f} kB"
+    if key == "latency_ms":
+        return f"{value:.3f} ms"
+    if key in ("compression_ratio", "speedup"):
+        return f"{value:.2f}x"
+    if isinstance(value, float):
+        return f"{value:.4f}" if key in ("accuracy", "accuracy_drop") else f"{value:.3g}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A plain text table: trial, its parameters, then the measured figures."""
+    params = param_columns(rows)
+    headers = [
+        "trial",
+        *[p.split(".", 1)[1] for p in params],
+        *[m for m in METRIC_COLUMNS if any(m in r for r in rows)],
+    ]
+    keys = ["trial", *params, *headers[1 + len(params) :]]
+    body = [[_fmt(k, row.get(k)) for k in keys] for row in rows]
+    widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in body]
+    return "\n".join(lines)

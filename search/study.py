@@ -1,0 +1,348 @@
+"""Config → study → trials → Pareto front.
+
+`prepare` does every check and every once-per-study computation (baseline training or
+cache load, baseline measurement, teacher logits) before the first trial; `run_search`
+then runs trials until the study holds the target number of finished ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from experiments.workloads import Workload, build_workload
+from objectives.base import EvalContext, LatencySettings, Objective, ObjectiveError
+from objectives.complexity import count_macs, count_params
+from objectives.registry import get_objective
+from search.config import Config, ConfigError
+from search.tracking import Tracker, sqlite_uri
+from strategies import pipeline
+from strategies.artifact import save_artifact
+from strategies.base import CompressionError, Context, Strategy
+from strategies.runtime import Deployable, materialize
+
+logger = logging.getLogger(__name__)
+
+# Failures that belong to one candidate. Anything else is a bug and stops the run.
+TRIAL_FAILURES = (CompressionError, ObjectiveError)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class Prepared:
+    config: Config
+    run_dir: Path
+    workload: Workload
+    strategies: list[Strategy]
+    objectives: list[Objective]
+    context: Context
+    eval_context: EvalContext
+    baseline: dict[str, float]
+    tracker: Tracker
+    study: optuna.Study
+    parent_run_id: str
+
+
+@dataclass
+class SearchResult:
+    prepared: Prepared
+    pareto: list[dict[str, Any]]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    table_path: Path | None = None
+    plot_path: Path | None = None
+
+
+# ----------------------------------------------------------------------- setup
+
+
+def check_run_dir(config: Config, run_dir: Path) -> None:
+    """Refuse a run directory that holds a study of a different config."""
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return
+    stored = json.loads(path.read_text())
+    if stored != config.identity():
+        differing = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
+        raise ConfigError(
+            f"run directory {run_dir} holds a study of a different config (differs in {differing}); "
+            "use another --run-dir, or remove that directory to start fresh"
+        )
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            # group=True lets multivariate TPE model conditional parameters jointly.
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+    raise ConfigError(f"search.sampler must be one of tpe, nsga2, random, gp; got {name!r}")
+
+
+def validate(config: Config) -> tuple[list[Strategy], list[Objective]]:
+    """Every check that needs no data. Raises ConfigError."""
+    try:
+        strategies = pipeline.build_strategies(config.search_space)
+        objectives = [get_objective(name)() for name in config.search.objectives]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return strategies, objectives
+
+
+def _batched(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _measure(
+    deployable: Deployable, objectives: list[Objective], eval_context: EvalContext, example: torch.Tensor
+) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for objective in objectives:
+        metrics.update(objective.measure(deployable, eval_context))
+    metrics["params"] = float(count_params(deployable.model))
+    metrics["macs"] = float(count_macs(deployable.model, example))
+    return metrics
+
+
+def _relative(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    """compression_ratio, speedup and accuracy_drop against the same-process baseline."""
+    out = {}
+    if "size_bytes" in metrics:
+        out["compression_ratio"] = baseline["size_bytes"] / metrics["size_bytes"]
+    if "latency_ms" in metrics:
+        out["speedup"] = baseline["latency_ms"] / metrics["latency_ms"]
+    if "accuracy" in metrics:
+        out["accuracy_drop"] = baseline["accuracy"] - metrics["accuracy"]
+    return out
+
+
+def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = logger.info) -> Prepared:
+    strategies, objectives = validate(config)
+    check_run_dir(config, run_dir)
+    w = config.workload
+    try:
+        workload = build_workload(
+            model=w.model,
+            dataset=w.dataset,
+            data_dir=w.data_dir,
+            val_size=w.val_size,
+            split_seed=w.split_seed,
+            train_subset=w.train_subset,
+            val_subset=w.val_subset,
+            test_subset=w.test_subset,
+            training=dict(vars(w.training)),
+            checkpoint=w.checkpoint,
+            seed=config.seed,
+            progress=progress,
+        )
+    except ValueError as error:  # bad import paths, checkpoints and the like: the user's input
+        raise ConfigError(str(error)) from None
+    # Everything is validated and the data is there: now the run directory may be written.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(config.identity(), indent=2, sort_keys=True))
+
+    s = config.search
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(workload.train.x), generator=generator)
+    finetune_idx = order[: s.finetune_size]
+    calibration_idx = order[: s.calibration_size]
+    teacher = workload.model.eval()
+    finetune_x = workload.train.x[finetune_idx]
+    context = Context(
+        example_inputs=workload.example_inputs,
+        finetune_x=finetune_x,
+        finetune_y=workload.train.y[finetune_idx],
+        calibration_x=workload.train.x[calibration_idx],
+        teacher=teacher,
+        teacher_logits=_batched(teacher, finetune_x, 1000),  # once per study, reused by every trial
+        seed=config.seed,
+        batch_size=s.batch_size,
+        report=lambda message: logger.debug(message),
+    )
+    lat = config.latency
+    eval_context = EvalContext(
+        val_x=workload.val.x,
+        val_y=workload.val.y,
+        example_inputs=workload.example_inputs,
+        latency=LatencySettings(batch_size=lat.batch_size, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats),
+    )
+
+    # The baseline is measured in this process, so speedups are same-run ratios.
+    progress("measuring the baseline")
+    deployable = materialize(
+        copy.deepcopy(teacher),
+        run_dir / "baseline",
+        runtime=lat.runtime,
+        threads=lat.threads,
+        example_inputs=workload.example_inputs,
+        save_artifact=save_artifact,
+    )
+    all_objectives = [get_objective(name)() for name in ("accuracy", "size_bytes", "latency_ms")]
+    baseline = _measure(deployable, all_objectives, eval_context, workload.example_inputs)
+
+    tracker = Tracker(sqlite_uri(run_dir), config.name, artifact_dir=run_dir / "mlartifacts")
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    study = optuna.create_study(
+        storage=storage,
+        study_name=config.name,
+        directions=[o.direction for o in objectives],
+        load_if_exists=True,
+    )
+    study.sampler = make_sampler(config.search.sampler, config.seed + len(study.trials))
+    parent_run_id = tracker.start_parent(study.user_attrs.get("mlflow_parent_run_id"), config.name)
+    study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    tracker.log(
+        parent_run_id,
+        params={"config": config.to_dict(), "workload.fingerprint": workload.fingerprint},
+        metrics={f"baseline_{k}": v for k, v in baseline.items()},
+        tags={"study_name": config.name, "role": "study"},
+    )
+    progress(
+        f"baseline: accuracy {baseline['accuracy']:.4f}, size {baseline['size_bytes'] / 1024:.1f} kB, "
+        f"latency {baseline['latency_ms']:.3f} ms, {int(baseline['params'])} params"
+    )
+    return Prepared(
+        config,
+        run_dir,
+        workload,
+        strategies,
+        objectives,
+        context,
+        eval_context,
+        baseline,
+        tracker,
+        study,
+        parent_run_id,
+    )
+
+
+# ---------------------------------------------------------------------- trials
+
+
+def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
+    lat = p.config.latency
+
+    def run_trial(trial: optuna.Trial) -> tuple[float, ...]:
+        started = time.perf_counter()
+        configs = pipeline.suggest(p.strategies, trial)
+        run_id = p.tracker.start_child(p.parent_run_id, f"trial-{trial.number}", {"optuna.trial": trial.number})
+        trial.set_user_attr("mlflow_run_id", run_id)
+        p.tracker.log(run_id, params=trial.params)
+        try:
+            torch.manual_seed(p.config.seed + trial.number)
+            model = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, configs, p.context)
+            deployable = materialize(
+                model,
+                p.run_dir / "trials" / f"{trial.number:04d}",
+                runtime=lat.runtime,
+                threads=lat.threads,
+                example_inputs=p.workload.example_inputs,
+                save_artifact=save_artifact,
+            )
+            metrics = _measure(deployable, p.objectives, p.eval_context, p.workload.example_inputs)
+            metrics.update(_relative(metrics, p.baseline))
+        except BaseException as error:
+            failure = isinstance(error, TRIAL_FAILURES)
+            reason = f"{type(error).__name__}: {error}" if failure else f"error: {type(error).__name__}: {error}"
+            trial.set_user_attr("fail_reason", reason)
+            p.tracker.log(run_id, tags={"state": "FAIL", "fail_reason": reason, "optuna.trial": trial.number})
+            p.tracker.end(run_id, "FAILED")
+            raise
+        metrics["trial_seconds"] = time.perf_counter() - started
+        for key, value in metrics.items():
+            trial.set_user_attr(key, value)
+        p.tracker.log(run_id, metrics=metrics, tags={"state": "COMPLETE"})
+        p.tracker.end(run_id, "FINISHED")
+        return tuple(metrics[o.name] for o in p.objectives)
+
+    return run_trial
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return sum(t.state in FINISHED for t in study.trials)
+
+
+def run_search(
+    p: Prepared, n_trials: int, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
+) -> SearchResult:
+    """Run trials until the study holds `n_trials` finished ones, then mark the front."""
+    todo = max(0, n_trials - finished_trials(p.study))
+    logger.info("study %r holds %d finished trials; running %d more", p.config.name, n_trials - todo, todo)
+    try:
+        if todo:
+            p.study.optimize(
+                _objective(p),
+                n_trials=todo,
+                catch=TRIAL_FAILURES,
+                callbacks=[on_trial] if on_trial else None,
+                gc_after_trial=True,
+            )
+    except BaseException as error:
+        p.tracker.end(p.parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    result = summarize(p)
+    p.tracker.end(p.parent_run_id, "FINISHED")
+    return result
+
+
+# -------------------------------------------------------------------- summary
+
+
+def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Pareto-optimal COMPLETE trials; values are always finite because failures raise."""
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        return []
+    return sorted(study.best_trials, key=lambda t: t.number)
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    front = {t.number for t in pareto_trials(study)}
+    rows = []
+    for t in study.trials:
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "pareto": t.number in front}
+        row.update(t.params)
+        row.update({k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        row["fail_reason"] = t.user_attrs.get("fail_reason", "")
+        rows.append(row)
+    return rows
+
+
+def summarize(p: Prepared) -> SearchResult:
+    from search.report import write_plot, write_table
+
+    rows = trial_rows(p.study)
+    pareto = [r for r in rows if r["pareto"]]
+    for t in p.study.trials:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id and t.state == TrialState.COMPLETE:
+            p.tracker.set_tag(run_id, "pareto", str(any(r["trial"] == t.number for r in pareto)).lower())
+    table = write_table(rows, p.run_dir / "results.csv")
+    plot = write_plot(rows, p.baseline, p.run_dir / "pareto.png")
+    p.tracker.log_artifact(p.parent_run_id, table)
+    p.tracker.log_artifact(p.parent_run_id, plot)
+    p.tracker.log(
+        p.parent_run_id,
+        metrics={"n_complete": sum(r["state"] == "COMPLETE" for r in rows), "n_pareto": len(pareto)},
+        tags={"pareto_trials": ",".join(str(r["trial"]) for r in pareto)},
+    )
+    return SearchResult(p, pareto, rows, table, plot)

@@ -1,0 +1,92 @@
+"""MLflow logging: one parent run per study, one child run per trial.
+
+We talk to MLflow through `MlflowClient` with explicit run ids rather than the global
+active-run stack: nested runs through that stack lose their parent in threads and leave
+runs RUNNING when a process dies, and `log_batch` is much cheaper than separate calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_CHARS = 6000
+
+
+def sqlite_uri(run_dir: Path) -> str:
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:MAX_PARAM_CHARS]
+
+
+class Tracker:
+    """A study's MLflow experiment. Creating it creates the store once, up front."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, artifact_dir: Path | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            # Without an explicit location, artifacts land in ./mlruns of whatever the cwd is.
+            location = artifact_dir.resolve().as_uri() if artifact_dir else None
+            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    # -------------------------------------------------------------------- runs
+
+    def start_parent(self, run_id: str | None, name: str) -> str:
+        """Reuse the study's parent run when resuming, else create it."""
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        return self.client.create_run(self.experiment_id, run_name=name).info.run_id
+
+    def start_child(self, parent_id: str, name: str, tags: Mapping[str, Any] = ()) -> str:
+        tags = {PARENT_TAG: parent_id, **{k: str(v) for k, v in dict(tags).items()}}
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def log(
+        self,
+        run_id: str,
+        params: Mapping[str, Any] = (),
+        metrics: Mapping[str, float] = (),
+        tags: Mapping[str, Any] = (),
+        step: int = 0,
+    ) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[
+                Metric(k, float(v), now, step) for k, v in dict(metrics).items() if v is not None and math.isfinite(v)
+            ],
+            params=[Param(k, _param_value(v)) for k, v in dict(params).items()],
+            tags=[RunTag(k, str(v)) for k, v in dict(tags).items()],
+        )
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def set_tag(self, run_id: str, key: str, value: Any) -> None:
+        self.client.set_tag(run_id, key, str(value))
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+    def children(self, parent_id: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50000
+        )

@@ -1,0 +1,165 @@
+"""Knowledge-distillation fine-tuning of the compressed student against the uncompressed teacher.
+
+The teacher's logits on the fine-tune data are computed once per study and passed in, so a
+trial only pays for the student. Weights that pruning zeroed stay exactly zero, and when the
+trial quantizes, training runs against the quantized weights (straight-through gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from strategies.base import CompressionError, Context, FloatParam, IntParam, Strategy, StrategyConfig
+
+logger = logging.getLogger(__name__)
+
+
+class DistillationError(CompressionError):
+    pass
+
+
+class DistillationDiverged(DistillationError):
+    pass
+
+
+@dataclass(frozen=True)
+class DistillationConfig(StrategyConfig):
+    epochs: int = 0
+    temperature: float = 4.0
+    alpha: float = 0.7
+    lr: float = 1e-3
+
+    def validate(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"distillation.epochs must be a whole number >= 0, got {self.epochs!r}")
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise ValueError(f"distillation.temperature must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"distillation.alpha must be in [0, 1], got {self.alpha!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"distillation.lr must be > 0, got {self.lr!r}")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
+    """alpha·T²·KL(teacher‖student) at temperature T + (1−alpha)·CE(labels).
+
+    Both sides go through log_softmax, which stays finite at any temperature; T² keeps the
+    soft-target gradients on the same scale as the hard ones (Hinton et al., 2015).
+    """
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+
+def _zero_masks(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        (m.weight, m.weight.detach() != 0)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not bool((m.weight.detach() != 0).all())
+    ]
+
+
+def distill_(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    config: DistillationConfig,
+    *,
+    batch_size: int = 128,
+    seed: int = 0,
+    fake_quant: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
+    report: Callable[[str], None] = lambda message: None,
+) -> list[float]:
+    """Fine-tune `model` in place; returns the mean loss of each epoch."""
+    if len(teacher_logits) != len(x):
+        raise ValueError(f"teacher_logits has {len(teacher_logits)} rows for {len(x)} samples")
+    masks = _zero_masks(model)  # pruned weights must stay pruned
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+    steps = config.epochs * math.ceil(len(x) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    with fake_quant(model) if fake_quant else contextlib.nullcontext():
+        for epoch in range(config.epochs):
+            model.train()
+            order = torch.randperm(len(x), generator=generator)
+            total = 0.0
+            for i in range(0, len(x), batch_size):
+                idx = order[i : i + batch_size]
+                loss = distillation_loss(model(x[idx]), teacher_logits[idx], y[idx], config.temperature, config.alpha)
+                if not torch.isfinite(loss):
+                    raise DistillationDiverged(f"distillation diverged in epoch {epoch + 1}: loss {loss.item()}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():
+                    for weight, mask in masks:
+                        weight.mul_(mask)
+                total += loss.item() * len(idx)
+            history.append(total / len(x))
+            report(f"distillation epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f}")
+    model.eval()
+    for p in model.parameters():
+        if not torch.isfinite(p).all():
+            raise DistillationDiverged("distillation left non-finite weights")
+    return history
+
+
+class Distillation(Strategy):
+    name = "distillation"
+    config_cls = DistillationConfig
+    default_space = {
+        "distillation.epochs": IntParam(0, 20),
+        "distillation.temperature": FloatParam(1.0, 20.0),
+        "distillation.alpha": FloatParam(0.0, 1.0),
+        "distillation.lr": FloatParam(1e-5, 1e-1, log=True),
+    }
+
+    def suggest(self, trial: Any) -> DistillationConfig:
+        epochs = self.space["distillation.epochs"].suggest(trial, "distillation.epochs")
+        if epochs == 0:  # the rest only matters when fine-tuning happens
+            return DistillationConfig(epochs=0)
+        values = {key.split(".")[1]: self.space[key].suggest(trial, key) for key in list(self.default_space)[1:]}
+        return DistillationConfig(epochs=epochs, **values)
+
+    def is_active(self, config: DistillationConfig) -> bool:
+        return config.epochs > 0
+
+    def apply(self, model: nn.Module, config: DistillationConfig, context: Context) -> nn.Module:
+        logits = context.teacher_logits
+        if logits is None:
+            if context.teacher is None:
+                raise DistillationError("distillation needs a teacher or precomputed teacher logits")
+            with torch.no_grad():
+                logits = context.teacher.eval()(context.finetune_x)
+        distill_(
+            model,
+            context.finetune_x,
+            context.finetune_y,
+            logits,
+            config,
+            batch_size=context.batch_size,
+            seed=context.seed,
+            fake_quant=context.fake_quant,
+            report=context.report,
+        )
+        return model

@@ -1,0 +1,108 @@
+"""Structured pruning: physically remove channels and neurons with Torch-Pruning.
+
+Torch-Pruning's dependency graph keeps coupled layers consistent (a conv's output
+channels, the BatchNorm after it, the next layer's inputs), so parameters and MACs really
+shrink. The classifier's outputs are never pruned, so the output shape is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from strategies.base import CompressionError, Context, FloatParam, Strategy, StrategyConfig
+
+logger = logging.getLogger(__name__)
+
+
+class StructuredPruningError(CompressionError):
+    pass
+
+
+@dataclass(frozen=True)
+class StructuredPruningConfig(StrategyConfig):
+    ratio: float = 0.0
+
+    def validate(self) -> None:
+        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"pruning.structured_ratio must be in [0, 1), got {self.ratio!r}")
+
+
+def _output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """The Conv/Linear layers whose outputs are the model's outputs (found by tracing)."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    outputs = []
+    for module, node in graph.module2node.items():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not _feeds_prunable(node, set()):
+            outputs.append(module)
+    return outputs
+
+
+def _feeds_prunable(node: Any, seen: set) -> bool:
+    """Whether any Conv/Linear consumes this node's output, through shape-keeping ops."""
+    for out in node.outputs:
+        if id(out) in seen:
+            continue
+        seen.add(id(out))
+        if isinstance(out.module, (nn.Conv2d, nn.Linear)) or _feeds_prunable(out, seen):
+            return True
+    return False
+
+
+def prune_channels_(model: nn.Module, ratio: float, example_inputs: torch.Tensor) -> nn.Module:
+    """Remove `ratio` of every hidden layer's channels by L1 magnitude, in place."""
+    model.eval()
+    widths = {
+        name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+    try:
+        ignored = _output_layers(model, example_inputs)
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example_inputs,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
+        )
+        pruner.step()
+    except CompressionError:
+        raise
+    except Exception as error:  # Torch-Pruning could not trace or prune this architecture
+        raise StructuredPruningError(
+            f"structured pruning cannot handle this model: {type(error).__name__}: {error}"
+        ) from error
+    for name, module in model.named_modules():
+        width = module.out_channels if isinstance(module, nn.Conv2d) else getattr(module, "out_features", None)
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and width == 0:
+            raise StructuredPruningError(f"structured pruning at ratio {ratio} pruned layer {name} to zero width")
+    after = {
+        name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+    logger.debug("structured pruning %.2f: widths %s -> %s", ratio, widths, after)
+    return model
+
+
+class StructuredPruning(Strategy):
+    name = "structured_pruning"
+    config_cls = StructuredPruningConfig
+    default_space = {"pruning.structured_ratio": FloatParam(0.0, 0.9)}
+
+    def suggest(self, trial: Any) -> StructuredPruningConfig:
+        return StructuredPruningConfig(
+            ratio=self.space["pruning.structured_ratio"].suggest(trial, "pruning.structured_ratio")
+        )
+
+    def is_active(self, config: StructuredPruningConfig) -> bool:
+        return config.ratio > 0
+
+    def apply(self, model: nn.Module, config: StructuredPruningConfig, context: Context) -> nn.Module:
+        return prune_channels_(model, config.ratio, context.example_inputs)

@@ -1,0 +1,75 @@
+"""Config validation: every bad input names its key and the valid values."""
+
+import pytest
+import yaml
+
+from search.config import ConfigError, apply_override, load_config, parse_config
+from search.study import validate
+from tests.conftest import ROOT
+
+
+def smoke_raw():
+    return yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["fmnist_cnn", "fmnist_mlp", "smoke"])
+def test_shipped_configs_load_and_validate(name):
+    config = load_config(ROOT / "experiments" / f"{name}.yaml")
+    strategies, objectives = validate(config)
+    assert config.name == name
+    assert [o.name for o in objectives] == list(config.search.objectives)
+    assert {s.name for s in strategies} == {"structured_pruning", "unstructured_pruning", "quantization", "distillation"}
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("colour=blue", "colour"),
+        ("workload.epochs=3", "workload.epochs"),
+        ("workload.val_size=many", "workload.val_size"),
+        ("workload.val_size=0", "workload.val_size"),
+        ("workload.training.lr=-1", "workload.training.lr"),
+        ("search.sampler=annealing", "search.sampler"),
+        ("search.objectives=[accuracy, flops]", "search.objectives"),
+        ("search.objectives=[]", "search.objectives"),
+        ("latency.runtime=tensorrt", "latency.runtime"),
+        ("latency.threads=0", "latency.threads"),
+        ("search_space.pruning.structured_ratio=[0.0, 1.5]", "pruning.structured_ratio"),
+        ("search_space.quantization.weight_bits=[4, 7]", "quantization.weight_bits"),
+        ("search_space.pruning.magic=0.3", "pruning.magic"),
+        ("name=bad/name", "name"),
+    ],
+)
+def test_bad_values_name_their_key(override, key):
+    raw = smoke_raw()
+    apply_override(raw, override)
+    with pytest.raises(ConfigError) as info:
+        validate(parse_config(raw))
+    assert key in str(info.value)
+
+
+def test_empty_search_space_is_refused():
+    raw = smoke_raw()
+    raw["search_space"] = {}
+    with pytest.raises(ConfigError, match="search_space is empty"):
+        validate(parse_config(raw))
+
+
+def test_override_parses_yaml_values_and_dotted_space_keys():
+    raw = smoke_raw()
+    apply_override(raw, "search_space.quantization.weight_bits=[2, 8]")
+    apply_override(raw, "latency.batch_size=64")
+    config = parse_config(raw)
+    assert config.search_space["quantization.weight_bits"] == [2, 8]
+    assert config.latency.batch_size == 64
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override(raw, "latency.batch_size")
+
+
+def test_identity_ignores_trial_budget_only():
+    a = parse_config(smoke_raw())
+    raw = smoke_raw()
+    raw["search"]["n_trials"] = 99
+    assert parse_config(raw).identity() == a.identity()
+    raw["seed"] = 7
+    assert parse_config(raw).identity() != a.identity()

@@ -1,0 +1,107 @@
+"""End to end: a smoke search on a small Fashion-MNIST subset, through the CLI."""
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from search.cli import main
+from search.tracking import PARENT_TAG, sqlite_uri
+from tests.conftest import ROOT, needs_fashion_mnist
+
+SMOKE = str(ROOT / "experiments" / "smoke.yaml")
+
+
+def load_study(run_dir):
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    return optuna.load_study(study_name="smoke", storage=storage)
+
+
+def runs_of(run_dir):
+    client = MlflowClient(sqlite_uri(run_dir))
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if PARENT_TAG in r.data.tags]
+    return parents, children
+
+
+@needs_fashion_mnist
+def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", SMOKE, "--n-trials", "3", "--run-dir", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "Pareto-optimal" in printed and "speedup" in printed
+
+    study = load_study(run_dir)
+    assert len(study.trials) == 3
+    assert all(t.state.is_finished() for t in study.trials)
+    parents, children = runs_of(run_dir)
+    assert len(parents) == 1 and len(children) == 3
+    parent_id = parents[0].info.run_id
+    assert {c.data.tags[PARENT_TAG] for c in children} == {parent_id}
+    assert {int(c.data.tags["optuna.trial"]) for c in children} == {0, 1, 2}
+    assert all(r.info.status != "RUNNING" for r in parents + children)
+    complete = [c for c in children if c.data.tags.get("state") == "COMPLETE"]
+    assert complete, [c.data.tags.get("fail_reason") for c in children]
+    for child in complete:
+        assert {"accuracy", "size_bytes", "latency_ms", "compression_ratio", "speedup", "params", "macs"} <= set(
+            child.data.metrics
+        )
+        assert 0.0 <= child.data.metrics["accuracy"] <= 1.0
+        # every suggested parameter is logged under its namespaced name
+        assert any(k.startswith("quantization.") for k in child.data.params)
+    pareto = [c for c in complete if c.data.tags.get("pareto") == "true"]
+    assert pareto
+    # no Pareto trial is dominated by another completed trial
+    keys = (("accuracy", -1), ("size_bytes", 1), ("latency_ms", 1))
+    vec = {c.info.run_id: [sign * c.data.metrics[k] for k, sign in keys] for c in complete}
+    for p in pareto:
+        a = vec[p.info.run_id]
+        assert not any(all(x <= y for x, y in zip(b, a)) and b != a for b in vec.values())
+    assert "baseline_accuracy" in parents[0].data.metrics
+    artifacts = {a.path for a in MlflowClient(sqlite_uri(run_dir)).list_artifacts(parent_id)}
+    assert {"results.csv", "pareto.png"} <= artifacts
+    assert (run_dir / "mlflow.db").exists() and (run_dir / "optuna.journal").exists()
+
+    # the same command with a higher target adds exactly the difference, under the same parent
+    assert main(["run", SMOKE, "--n-trials", "4", "--run-dir", str(run_dir)]) == 0
+    assert len(load_study(run_dir).trials) == 4
+    parents, children = runs_of(run_dir)
+    assert len(parents) == 1 and parents[0].info.run_id == parent_id
+    assert len(children) == 4 and {c.data.tags[PARENT_TAG] for c in children} == {parent_id}
+    assert all(r.info.status != "RUNNING" for r in parents + children)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "search.sampler=annealing"], "search.sampler"),
+        (["--set", "search_space.quantization.weight_bits=[3, 7]"], "quantization.weight_bits"),
+        (["--set", "workload.model=nowhere.module:fn"], "workload.model"),
+    ],
+)
+@needs_fashion_mnist
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
+    run_dir = tmp_path / "run"
+    assert main(["run", SMOKE, "--run-dir", str(run_dir), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_missing_dataset_exits_2_with_hint(tmp_path, capsys):
+    code = main(["run", SMOKE, "--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "nothing")])
+    assert code == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@needs_fashion_mnist
+def test_run_dir_of_another_config_is_refused(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", SMOKE, "--n-trials", "1", "--run-dir", str(run_dir)]) == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["run", SMOKE, "--n-trials", "2", "--run-dir", str(run_dir), "--set", "seed=5"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
