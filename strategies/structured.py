@@ -62,6 +62,8 @@ def prune_channels_(model: nn.Module, ratio: float, example_inputs: torch.Tensor
         for name, m in model.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
     }
+    with torch.no_grad():
+        out_width = model(example_inputs).shape[-1]
     try:
         ignored = _output_layers(model, example_inputs)
         pruner = tp.pruner.MetaPruner(
@@ -82,6 +84,13 @@ def prune_channels_(model: nn.Module, ratio: float, example_inputs: torch.Tensor
         width = module.out_channels if isinstance(module, nn.Conv2d) else getattr(module, "out_features", None)
         if isinstance(module, (nn.Conv2d, nn.Linear)) and width == 0:
             raise StructuredPruningError(f"structured pruning at ratio {ratio} pruned layer {name} to zero width")
+    try:
+        with torch.no_grad():
+            shape = model(example_inputs).shape
+    except Exception as error:
+        raise StructuredPruningError(f"the model no longer runs after structured pruning: {error}") from error
+    if shape[-1] != out_width:
+        raise StructuredPruningError(f"structured pruning changed the output width from {out_width} to {shape[-1]}")
     after = {
         name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
         for name, m in model.named_modules()

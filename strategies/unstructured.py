@@ -1,4 +1,8 @@
-"""Unstructured pruning: zero the globally smallest-magnitude weights of every Conv/Linear.
+"""Unstructured pruning: zero the least important weights of every Conv/Linear, globally.
+
+Importance is |w| relative to its layer's standard deviation, i.e. one global "quality"
+threshold times each layer's std, as in Han et al. (2015). Raw |w| would empty wide
+layers first, since their weights are small by initialisation.
 
 The result is a plain module with exact zeros in its weights; there is no mask
 reparametrisation left behind. Zeros shrink the packed artifact (sparse storage) but not
@@ -38,20 +42,20 @@ def prune_weights_(model: nn.Module, sparsity: float) -> nn.Module:
     weights = prunable_weights(model)
     if not weights:
         raise UnstructuredPruningError("unstructured pruning found no Conv2d or Linear weights")
-    magnitudes = torch.cat([w.detach().abs().flatten() for _, w in weights])
-    k = int(round(sparsity * magnitudes.numel()))
+    scores = torch.cat([(w.detach().abs() / w.detach().std(correction=0).clamp_min(1e-12)).flatten() for _, w in weights])
+    k = int(round(sparsity * scores.numel()))
     if k == 0:
         return model
     # Rank instead of thresholding, so ties at the threshold cannot overshoot the target.
-    order = torch.argsort(magnitudes, stable=True)
-    keep = torch.ones_like(magnitudes, dtype=torch.bool)
+    order = torch.argsort(scores, stable=True)
+    keep = torch.ones_like(scores, dtype=torch.bool)
     keep[order[:k]] = False
     start = 0
     with torch.no_grad():
         for name, weight in weights:
             mask = keep[start : start + weight.numel()].view_as(weight)
             start += weight.numel()
-            if not mask.any():
+            if not mask.any() and bool((weight != 0).any()):
                 raise UnstructuredPruningError(
                     f"unstructured sparsity {sparsity} removes every weight of layer {name}, cutting the network"
                 )

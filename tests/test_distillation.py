@@ -1,0 +1,100 @@
+import contextlib
+
+import pytest
+import torch
+
+from experiments.data import load_fashion_mnist, subset
+from strategies.base import CompressionError, Context
+from strategies.distillation import Distillation, DistillationConfig, distill_, distillation_loss
+from strategies.quantization import Quantization, QuantizationConfig
+from strategies.unstructured import prunable_weights, prune_weights_
+from tests.conftest import needs_fashion_mnist
+from tests.helpers import MODELS, context, trained_like
+
+
+def test_loss_is_finite_at_any_temperature_and_reduces_to_its_parts():
+    labels = torch.tensor([0, 1, 2, 3])
+    extreme = torch.tensor([[1e4, -1e4, 0, 0]] * 4)
+    for t in (1.0, 20.0):
+        assert torch.isfinite(distillation_loss(extreme, -extreme, labels, t, 0.5))
+    s, teacher = torch.randn(4, 4), torch.randn(4, 4)
+    assert torch.allclose(distillation_loss(s, teacher, labels, 4.0, 0.0), torch.nn.functional.cross_entropy(s, labels))
+    assert distillation_loss(s, s, labels, 4.0, 1.0).abs() < 1e-6
+
+
+def real_task(n=1500):
+    train, _ = load_fashion_mnist()
+    return subset(train, n, seed=0)
+
+
+@needs_fashion_mnist
+def test_distillation_loss_falls_and_pruned_weights_stay_zero():
+    data = real_task()
+    torch.manual_seed(0)
+    teacher = MODELS["lenet300"]()
+    # a quick teacher: a few hundred steps of plain training
+    opt = torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for i in range(0, len(data.x), 100):
+            loss = torch.nn.functional.cross_entropy(teacher(data.x[i : i + 100]), data.y[i : i + 100])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        logits = teacher.eval()(data.x)
+    student = prune_weights_(trained_like(MODELS["lenet300"], seed=1), 0.7)
+    zeros = {n: (w == 0).clone() for n, w in prunable_weights(student)}
+    history = distill_(student, data.x, data.y, logits, DistillationConfig(4, 4.0, 0.7, 0.05), batch_size=64)
+    assert len(history) == 4 and history[-1] < history[0] * 0.8
+    for name, w in prunable_weights(student):
+        assert bool((w[zeros[name]] == 0).all()), name
+
+
+def test_fake_quant_context_is_entered_when_set():
+    entered = []
+
+    @contextlib.contextmanager
+    def recorder(model):
+        entered.append(model)
+        yield model
+
+    ctx = context(fake_quant=recorder)
+    ctx.teacher_logits = torch.randn(len(ctx.finetune_x), 10)
+    model = trained_like(MODELS["lenet300"])
+    Distillation().apply(model, DistillationConfig(1, 2.0, 0.5, 0.01), ctx)
+    assert entered == [model]
+
+
+def test_quantization_aware_fine_tuning_runs_and_leaves_float_weights():
+    ctx = context(fake_quant=Quantization.training_simulation(QuantizationConfig(4, 32)))
+    ctx.teacher_logits = torch.randn(len(ctx.finetune_x), 10)
+    model = Distillation().apply(trained_like(MODELS["lenet5"]), DistillationConfig(1, 2.0, 0.5, 0.01), ctx)
+    # after the context, weights are plain float parameters again (not 4-bit, no parametrization)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert len(torch.unique(model[0].weight[0])) > 16
+
+
+def test_divergence_is_a_compression_error():
+    ctx = context()
+    ctx.teacher_logits = torch.full((len(ctx.finetune_x), 10), float("nan"))
+    with pytest.raises(CompressionError, match="diverged"):
+        Distillation().apply(trained_like(MODELS["lenet300"]), DistillationConfig(1, 2.0, 0.5, 0.01), ctx)
+
+
+def test_other_params_are_conditional_on_epochs():
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    strategy = Distillation({"distillation.epochs": [0, 1]})
+    for _ in range(12):
+        trial = study.ask()
+        config = strategy.suggest(trial)
+        assert ("distillation.temperature" in trial.params) == (config.epochs > 0)
+        study.tell(trial, 0.0)
+
+
+def test_context_without_teacher_is_refused():
+    ctx = Context(example_inputs=torch.zeros(1, 1, 28, 28), finetune_x=torch.zeros(4, 1, 28, 28),
+                  finetune_y=torch.zeros(4, dtype=torch.long), calibration_x=torch.zeros(4, 1, 28, 28))
+    with pytest.raises(CompressionError, match="teacher"):
+        Distillation().apply(MODELS["lenet300"](), DistillationConfig(1), ctx)

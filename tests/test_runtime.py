@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from strategies.artifact import save_artifact
+from strategies.base import CompressionError
+from strategies.quantization import Quantization, QuantizationConfig
+from strategies.runtime import check_agreement, materialize
+from strategies.structured import StructuredPruning, StructuredPruningConfig
+from tests.helpers import MODELS, context, trained_like
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_materialized_runtime_matches_the_model(tmp_path, runtime):
+    ctx = context()
+    model = StructuredPruning().apply(trained_like(MODELS["lenet5"]), StructuredPruningConfig(0.5), ctx)
+    before = torch.get_num_threads()
+    d = materialize(model, tmp_path, runtime=runtime, threads=1, example_inputs=ctx.example_inputs,
+                    save_artifact=save_artifact)
+    assert d.size_bytes == (tmp_path / "weights.acw").stat().st_size
+    for n in (1, 7):  # dynamic batch
+        x = torch.randn(n, 1, 28, 28)
+        with torch.no_grad():
+            assert torch.allclose(d.predict(x), model(x), atol=1e-4)
+        d.run(x.numpy())
+    assert torch.get_num_threads() == before
+    if runtime == "onnxruntime":
+        assert d.onnx_path.exists()
+
+
+def test_weight_quantized_model_runs_the_same_in_onnxruntime(tmp_path):
+    ctx = context()
+    model = Quantization().apply(trained_like(MODELS["lenet5"]), QuantizationConfig(4, 32), ctx)
+    d = materialize(model, tmp_path, example_inputs=ctx.example_inputs, save_artifact=save_artifact)
+    x = torch.randn(64, 1, 28, 28)
+    assert check_agreement(d.predict, lambda b: model(b).detach(), x) == 0.0
+
+
+def test_unknown_runtime_and_export_failure(tmp_path):
+    ctx = context()
+    with pytest.raises(ValueError, match=r"latency.runtime must be one of \['onnxruntime', 'torch'\]"):
+        materialize(MODELS["lenet300"](), tmp_path, runtime="tvm", example_inputs=ctx.example_inputs,
+                    save_artifact=save_artifact)
+
+    class NotExportable(torch.nn.Module):
+        def forward(self, x):
+            return torch.fft.fft(x).real.flatten(1)[:, :10]
+
+    with pytest.raises(CompressionError, match="ONNX export failed"):
+        materialize(NotExportable(), tmp_path, example_inputs=ctx.example_inputs, save_artifact=lambda m, p: 1)
