@@ -31,7 +31,7 @@ from search.tracking import Tracker, sqlite_uri
 from strategies import pipeline
 from strategies.artifact import save_artifact
 from strategies.base import CompressionError, Context, Strategy
-from strategies.runtime import Deployable, materialize
+from strategies.runtime import Deployable, check_agreement, materialize
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +260,11 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
             )
             metrics = _measure(deployable, p.objectives, p.eval_context, p.workload.example_inputs)
             metrics.update(_relative(metrics, p.baseline))
+            if deployable.onnx_path is not None:
+                # The runtime should compute what the simulation computed; log how often it does not.
+                metrics["runtime_disagreement"] = check_agreement(
+                    deployable.predict, lambda x: _batched(model, x, 1000), p.workload.val.x
+                )
         except BaseException as error:
             failure = isinstance(error, TRIAL_FAILURES)
             reason = f"{type(error).__name__}: {error}" if failure else f"error: {type(error).__name__}: {error}"
