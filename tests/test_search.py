@@ -1,6 +1,7 @@
 """End to end: a smoke search on a small Fashion-MNIST subset, through the CLI."""
 
 import optuna
+import torch
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
@@ -105,3 +106,38 @@ def test_run_dir_of_another_config_is_refused(tmp_path, capsys):
     assert main(["run", SMOKE, "--n-trials", "2", "--run-dir", str(run_dir), "--set", "seed=5"]) == 2
     assert "different config" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def hard_reshape_model():
+    """A model structured pruning breaks: its forward hard-codes a channel count."""
+
+    class HardCodedReshape(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 5)
+            self.fc = torch.nn.Linear(4 * 24 * 24, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).reshape(x.shape[0], 4 * 24 * 24))
+
+    return HardCodedReshape()
+
+
+@needs_fashion_mnist
+def test_failing_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["run", SMOKE, "--n-trials", "2", "--run-dir", str(run_dir),
+            "--set", "workload.model=tests.test_search:hard_reshape_model",
+            "--set", "search_space={pruning.structured_ratio: [0.3, 0.5]}"]
+    assert main(args) == 0
+    study = load_study(run_dir)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    for t in study.trials:
+        assert "no longer runs after structured pruning" in t.user_attrs["fail_reason"]
+    parents, children = runs_of(run_dir)
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FAILED"
+        assert child.data.tags["state"] == "FAIL"
+        assert "StructuredPruningError" in child.data.tags["fail_reason"]
+    assert parents[0].info.status == "FINISHED"
