@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from experiments.workloads import TrainingRecipe
+
 OBJECTIVE_NAMES = ("accuracy", "size_bytes", "latency_ms")
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 RUNTIMES = ("onnxruntime", "torch")
@@ -22,15 +24,6 @@ RUNTIMES = ("onnxruntime", "torch")
 
 class ConfigError(ValueError):
     """Bad user input. The CLI exits with code 2 and this message."""
-
-
-@dataclass(frozen=True)
-class TrainingSection:
-    epochs: int = 8
-    lr: float = 0.05
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
 
 
 @dataclass(frozen=True)
@@ -44,7 +37,7 @@ class WorkloadSection:
     val_subset: int | None = None
     test_subset: int | None = None
     checkpoint: str | None = None
-    training: TrainingSection = field(default_factory=TrainingSection)
+    training: TrainingRecipe = field(default_factory=TrainingRecipe)
 
 
 @dataclass(frozen=True)
@@ -134,7 +127,10 @@ def _section(cls: type, raw: Any, prefix: str) -> Any:
             values[name] = _objectives(key, value)
         else:
             values[name] = _check_value(key, value, f.type)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as error:  # a section's own validation (e.g. TrainingRecipe's)
+        raise ConfigError(str(error)) from None
 
 
 def _objectives(key: str, value: Any) -> tuple[str, ...]:
@@ -163,8 +159,6 @@ def _validate(config: Config) -> None:
         ("workload.train_subset", w.train_subset),
         ("workload.val_subset", w.val_subset),
         ("workload.test_subset", w.test_subset),
-        ("workload.training.epochs", w.training.epochs),
-        ("workload.training.batch_size", w.training.batch_size),
         ("search.finetune_size", s.finetune_size),
         ("search.calibration_size", s.calibration_size),
         ("search.batch_size", s.batch_size),
@@ -175,8 +169,6 @@ def _validate(config: Config) -> None:
         _positive(key, value)
     _positive("search.n_trials", s.n_trials, 0)
     _positive("latency.warmup", lat.warmup, 0)
-    if not w.training.lr > 0:
-        raise ConfigError(f"workload.training.lr must be > 0, got {w.training.lr}")
     if s.sampler not in SAMPLERS:
         raise ConfigError(f"search.sampler must be one of {list(SAMPLERS)}, got {s.sampler!r}")
     if lat.runtime not in RUNTIMES:

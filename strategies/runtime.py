@@ -74,6 +74,50 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path) -> P
     return path
 
 
+def quantize_onnx_weights_(path: Path, model: nn.Module) -> int:
+    """Store each quantized layer's weight in the ONNX file as int8 codes + DequantizeLinear.
+
+    The codes and per-channel scales are exactly the trial's, so ONNX Runtime's int8 kernels
+    (QLinearConv, QGemm) run the same integers the simulation used. Left as float, ORT would
+    quantize the weights itself, differently. Returns the number of weights rewritten.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    nodes = []
+    for name, module in model.named_modules():
+        if not hasattr(module, "weight_scale") or f"{name}.weight" not in initializers:
+            continue
+        weight = module.weight.detach()
+        scale = module.weight_scale.detach().float()
+        codes = torch.round(weight / scale.view((-1,) + (1,) * (weight.dim() - 1))).to(torch.int8)
+        graph.initializer.remove(initializers[f"{name}.weight"])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes.numpy(), f"{name}.weight_codes"),
+                numpy_helper.from_array(scale.numpy(), f"{name}.weight_scale"),
+                numpy_helper.from_array(np.zeros(len(scale), dtype=np.int8), f"{name}.weight_zero_point"),
+            ]
+        )
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{name}.weight_codes", f"{name}.weight_scale", f"{name}.weight_zero_point"],
+                [f"{name}.weight"],
+                axis=0,
+                name=f"{name}.weight_dequantize",
+            )
+        )
+    if nodes:
+        for node in reversed(nodes):
+            graph.node.insert(0, node)
+        onnx.save(graph_model, str(path))
+    return len(nodes)
+
+
 def ort_session(path: Path, threads: int):
     import onnxruntime as ort
 
@@ -119,6 +163,7 @@ def materialize(
         return Deployable(artifact, None, run, predict, model, size)
 
     onnx_path = export_onnx(model, example_inputs, out_dir / ONNX_NAME)
+    quantize_onnx_weights_(onnx_path, model)
     session = ort_session(onnx_path, threads)
 
     def run(batch: np.ndarray) -> object:
