@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print("autocompress: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # a bug or an environment failure: say so loudly, with the trace
-        logger.exception("autocompress: unexpected error: %s", error)
+        traceback.print_exc(file=sys.stderr)
+        print(f"autocompress: unexpected error: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -1,5 +1,7 @@
 """End to end: a smoke search on a small Fashion-MNIST subset, through the CLI."""
 
+from pathlib import Path
+
 import optuna
 import torch
 import pytest
@@ -141,3 +143,29 @@ def test_failing_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path)
         assert child.data.tags["state"] == "FAIL"
         assert "StructuredPruningError" in child.data.tags["fail_reason"]
     assert parents[0].info.status == "FINISHED"
+
+
+def test_unexpected_errors_exit_1(tmp_path, monkeypatch, capsys):
+    import search.study
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(search.study, "prepare", broken)
+    assert main(["run", SMOKE, "--run-dir", str(tmp_path / "run")]) == 1
+    assert "disk on fire" in capsys.readouterr().err
+
+
+def test_console_script_exit_codes(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("autocompress") or str(Path(sys.executable).parent / "autocompress")
+    bad = subprocess.run([exe, "run", SMOKE, "--set", "search.sampler=annealing", "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "search.sampler must be one of" in bad.stderr
+    usage = subprocess.run([exe, "run"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "config" in usage.stderr
+    missing = subprocess.run([exe, "run", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "cannot read config" in missing.stderr
