@@ -48,6 +48,9 @@ class SearchSection:
     finetune_size: int = 10000
     calibration_size: int = 1000
     batch_size: int = 128
+    # A trial fails when the runtime's predictions differ from the simulation's on more
+    # than this fraction of validation samples: the deployed model would not be the one measured.
+    max_runtime_disagreement: float = 0.005
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,8 @@ def _validate(config: Config) -> None:
         _positive(key, value)
     _positive("search.n_trials", s.n_trials, 0)
     _positive("latency.warmup", lat.warmup, 0)
+    if not 0.0 <= s.max_runtime_disagreement <= 1.0:
+        raise ConfigError(f"search.max_runtime_disagreement must be in [0, 1], got {s.max_runtime_disagreement}")
     if s.sampler not in SAMPLERS:
         raise ConfigError(f"search.sampler must be one of {list(SAMPLERS)}, got {s.sampler!r}")
     if lat.runtime not in RUNTIMES:

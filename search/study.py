@@ -35,8 +35,12 @@ from strategies.runtime import Deployable, check_agreement, materialize
 
 logger = logging.getLogger(__name__)
 
+class RuntimeMismatch(Exception):
+    """The runtime computes something other than the simulated model: the trial fails."""
+
+
 # Failures that belong to one candidate. Anything else is a bug and stops the run.
-TRIAL_FAILURES = (CompressionError, ObjectiveError)
+TRIAL_FAILURES = (CompressionError, ObjectiveError, RuntimeMismatch)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONFIG_FILE = "config.json"
 
@@ -258,13 +262,18 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
                 example_inputs=p.workload.example_inputs,
                 save_artifact=save_artifact,
             )
+            disagreement = 0.0
+            if deployable.onnx_path is not None:
+                disagreement = check_agreement(deployable.predict, lambda x: _batched(model, x, 1000), p.workload.val.x)
+                limit = p.config.search.max_runtime_disagreement
+                if disagreement > limit:
+                    raise RuntimeMismatch(
+                        f"ONNX Runtime and the simulated model disagree on {disagreement:.2%} of validation "
+                        f"samples (limit {limit:.2%})"
+                    )
             metrics = _measure(deployable, p.objectives, p.eval_context, p.workload.example_inputs)
             metrics.update(_relative(metrics, p.baseline))
-            if deployable.onnx_path is not None:
-                # The runtime should compute what the simulation computed; log how often it does not.
-                metrics["runtime_disagreement"] = check_agreement(
-                    deployable.predict, lambda x: _batched(model, x, 1000), p.workload.val.x
-                )
+            metrics["runtime_disagreement"] = disagreement
         except BaseException as error:
             failure = isinstance(error, TRIAL_FAILURES)
             reason = f"{type(error).__name__}: {error}" if failure else f"error: {type(error).__name__}: {error}"

@@ -75,11 +75,16 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path) -> P
 
 
 def quantize_onnx_weights_(path: Path, model: nn.Module) -> int:
-    """Store each quantized layer's weight in the ONNX file as int8 codes + DequantizeLinear.
+    """Give ONNX Runtime the trial's integer weights wherever it will run integer kernels.
 
-    The codes and per-channel scales are exactly the trial's, so ONNX Runtime's int8 kernels
-    (QLinearConv, QGemm) run the same integers the simulation used. Left as float, ORT would
-    quantize the weights itself, differently. Returns the number of weights rewritten.
+    For layers whose input is quantized, the weight goes into the ONNX file as the trial's
+    codes behind a DequantizeLinear, so ORT fuses QLinearConv/QGemm on exactly those integers
+    and scales (left as float, ORT would quantize the weights itself, differently). The codes
+    are stored as uint8 with zero-point 128, which is the same values: ORT's u8×s8 kernels on
+    CPUs without VNNI saturate 16-bit pair sums (measured here: 2.5 % of predictions changed
+    at 8 bits), its u8×u8 ones do not and ran faster. Weight-only quantized layers keep float
+    weights (exactly codes × scale): a deployment dequantizes them once at load time, so
+    the runtime should not pay a DequantizeLinear on every call. Returns the layers rewritten.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -89,17 +94,19 @@ def quantize_onnx_weights_(path: Path, model: nn.Module) -> int:
     initializers = {init.name: init for init in graph.initializer}
     nodes = []
     for name, module in model.named_modules():
-        if not hasattr(module, "weight_scale") or f"{name}.weight" not in initializers:
+        if not (hasattr(module, "weight_scale") and hasattr(module, "input_scale")):
             continue
+        if f"{name}.weight" not in initializers:
+            raise ExportError(f"the ONNX export has no initializer for {name}.weight to quantize")
         weight = module.weight.detach()
         scale = module.weight_scale.detach().float()
-        codes = torch.round(weight / scale.view((-1,) + (1,) * (weight.dim() - 1))).to(torch.int8)
+        codes = torch.round(weight / scale.view((-1,) + (1,) * (weight.dim() - 1))).to(torch.int16)
         graph.initializer.remove(initializers[f"{name}.weight"])
         graph.initializer.extend(
             [
-                numpy_helper.from_array(codes.numpy(), f"{name}.weight_codes"),
+                numpy_helper.from_array((codes + 128).to(torch.uint8).numpy(), f"{name}.weight_codes"),
                 numpy_helper.from_array(scale.numpy(), f"{name}.weight_scale"),
-                numpy_helper.from_array(np.zeros(len(scale), dtype=np.int8), f"{name}.weight_zero_point"),
+                numpy_helper.from_array(np.full(len(scale), 128, dtype=np.uint8), f"{name}.weight_zero_point"),
             ]
         )
         nodes.append(

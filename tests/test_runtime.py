@@ -60,10 +60,24 @@ def test_onnx_file_carries_the_trials_integer_codes_and_scales(tmp_path):
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(d.onnx_path)).graph.initializer}
     for name in ("1", "3", "5"):
         layer = model.get_submodule(name)
-        codes = inits[f"{name}.weight_codes"]
-        assert codes.dtype.name == "int8" and np.abs(codes).max() <= 3  # 3-bit codes in [-3, 3]
+        assert inits[f"{name}.weight_codes"].dtype.name == "uint8"
+        assert np.all(inits[f"{name}.weight_zero_point"] == 128)
+        codes = inits[f"{name}.weight_codes"].astype(np.int16) - 128
+        assert np.abs(codes).max() <= 3  # 3-bit codes in [-3, 3]
         assert np.array_equal(inits[f"{name}.weight_scale"], layer.weight_scale.numpy())
         assert np.array_equal(codes * layer.weight_scale.numpy()[:, None], layer.weight.detach().numpy())
         assert f"{name}.weight" not in inits  # no float copy left for the runtime to requantize
     x = torch.randn(256, 1, 28, 28)
     assert check_agreement(d.predict, lambda b: model(b).detach(), x) <= 0.01
+
+
+def test_weight_only_quantization_exports_exact_float_weights(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    ctx = context()
+    model = Quantization().apply(trained_like(MODELS["lenet300"]), QuantizationConfig(4, 32), ctx)
+    d = materialize(model, tmp_path, example_inputs=ctx.example_inputs, save_artifact=save_artifact)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(d.onnx_path)).graph.initializer}
+    assert np.array_equal(inits["1.weight"], model[1].weight.detach().numpy())
+    assert not any(name.endswith("weight_codes") for name in inits)

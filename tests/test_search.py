@@ -169,3 +169,15 @@ def test_console_script_exit_codes(tmp_path):
     assert usage.returncode == 2 and "config" in usage.stderr
     missing = subprocess.run([exe, "run", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
     assert missing.returncode == 2 and "cannot read config" in missing.stderr
+
+
+@needs_fashion_mnist
+def test_runtime_that_disagrees_with_the_simulation_fails_the_trial(tmp_path, monkeypatch):
+    import search.study
+
+    monkeypatch.setattr(search.study, "check_agreement", lambda *args, **kwargs: 0.02)
+    run_dir = tmp_path / "run"
+    assert main(["run", SMOKE, "--n-trials", "2", "--run-dir", str(run_dir)]) == 0
+    study = load_study(run_dir)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert all("disagree on 2.00% of validation samples" in t.user_attrs["fail_reason"] for t in study.trials)
