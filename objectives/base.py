@@ -39,18 +39,37 @@ class Candidate:
 
 @dataclass(frozen=True)
 class LatencySettings:
-    batch_size: int = 1
+    """How latency is timed. The first batch size is the searched objective; the others
+    are reported next to it (``latency_ms_b64``). `max_spread` flags noisy measurements."""
+
+    batch_sizes: tuple[int, ...] = (1,)
     threads: int = 1
     warmup: int = 10
     repeats: int = 50
+    max_spread: float = 0.15
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "threads", "repeats"):
+        sizes = self.batch_sizes
+        if not isinstance(sizes, tuple) or not sizes or not all(_whole(b) and b >= 1 for b in sizes):
+            raise ValueError(f"latency.batch_sizes must be a non-empty list of whole numbers >= 1, got {sizes!r}")
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"latency.batch_sizes lists a batch size twice: {list(sizes)}")
+        for key in ("threads", "repeats"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _whole(value) or value < 1:
                 raise ValueError(f"latency.{key} must be a whole number >= 1, got {value!r}")
-        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
+        if not _whole(self.warmup) or self.warmup < 0:
             raise ValueError(f"latency.warmup must be a whole number >= 0, got {self.warmup!r}")
+        if not isinstance(self.max_spread, (int, float)) or not self.max_spread > 0:
+            raise ValueError(f"latency.max_spread must be a number > 0, got {self.max_spread!r}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_sizes[0]
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -62,6 +81,9 @@ class EvalContext:
     example_inputs: torch.Tensor
     latency: LatencySettings = field(default_factory=LatencySettings)
     eval_batch_size: int = 1000
+    # The baseline's runner. Latency times it interleaved with the candidate's, so that
+    # `speedup` is a same-run ratio that machine-wide slowdowns affect equally.
+    reference_run: Callable[[np.ndarray], object] | None = None
 
 
 class Objective(ABC):

@@ -46,7 +46,7 @@ def _default_run_dir(config_name: str) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from search.config import load_config
-    from search.report import format_table
+    from search.report import FINAL_COLUMNS, format_table
     from search.study import finished_trials, prepare, run_search
 
     overrides = list(args.set or [])
@@ -81,16 +81,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = run_search(prepared, n_trials, on_trial=on_trial)
     print()
+    batches = "/".join(str(b) for b in config.latency.batch_sizes)
     print(
-        f"baseline: accuracy {baseline['accuracy']:.4f}  size {baseline['size_bytes'] / 1024:.1f} kB  "
-        f"latency {baseline['latency_ms']:.3f} ms ({config.latency.runtime}, batch {config.latency.batch_size}, "
+        f"baseline: val accuracy {baseline['accuracy']:.4f}  size {baseline['size_bytes'] / 1024:.1f} kB  "
+        f"latency {baseline['latency_ms']:.3f} ms ({config.latency.runtime}, batch {batches}, "
         f"{config.latency.threads} thread{'s' if config.latency.threads > 1 else ''})"
     )
     n_complete = sum(r["state"] == "COMPLETE" for r in result.rows)
     n_failed = sum(r["state"] == "FAIL" for r in result.rows)
     print(f"study {config.name!r}: {n_complete} complete, {n_failed} failed, {len(result.pareto)} Pareto-optimal")
     print()
-    print(format_table(result.pareto) if result.pareto else "no completed trials, so no Pareto front")
+    if result.pareto:
+        print(
+            f"Pareto-optimal trials, rebuilt from their artifacts and timed again ({config.latency.final_repeats} runs):"
+        )
+        print(format_table(result.pareto, FINAL_COLUMNS))
+    else:
+        print("no completed trials, so no Pareto front")
     print()
     print(f"results: {result.table_path}  plot: {result.plot_path}  ({time.perf_counter() - started:.0f}s)")
     print(f"review in the MLflow UI: autocompress ui --run-dir {run_dir}")

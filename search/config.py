@@ -56,10 +56,12 @@ class SearchSection:
 @dataclass(frozen=True)
 class LatencySection:
     runtime: str = "onnxruntime"
-    batch_size: int = 1
+    batch_sizes: tuple[int, ...] = (1,)  # the first is the searched objective
     threads: int = 1
     warmup: int = 10
     repeats: int = 50
+    final_repeats: int = 300  # finalists are timed again, alone and longer
+    max_spread: float = 0.15  # a wider ± is tagged latency_noisy
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["search"]["objectives"] = list(self.search.objectives)
+        data["latency"]["batch_sizes"] = list(self.latency.batch_sizes)
         data["search_space"] = dict(self.search_space)
         return data
 
@@ -128,6 +131,8 @@ def _section(cls: type, raw: Any, prefix: str) -> Any:
             values[name] = _section(f.default_factory, value, key)
         elif name == "objectives":
             values[name] = _objectives(key, value)
+        elif name == "batch_sizes":
+            values[name] = _int_list(key, value)
         else:
             values[name] = _check_value(key, value, f.type)
     try:
@@ -148,6 +153,15 @@ def _objectives(key: str, value: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _int_list(key: str, value: Any) -> tuple[int, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items):
+        raise ConfigError(f"{key} must be a whole number >= 1 or a non-empty list of them, got {value!r}")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{key} lists a value twice: {items}")
+    return tuple(items)
+
+
 def _positive(key: str, value: int | None, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
@@ -165,13 +179,15 @@ def _validate(config: Config) -> None:
         ("search.finetune_size", s.finetune_size),
         ("search.calibration_size", s.calibration_size),
         ("search.batch_size", s.batch_size),
-        ("latency.batch_size", lat.batch_size),
+        ("latency.final_repeats", lat.final_repeats),
         ("latency.threads", lat.threads),
         ("latency.repeats", lat.repeats),
     ]:
         _positive(key, value)
     _positive("search.n_trials", s.n_trials, 0)
     _positive("latency.warmup", lat.warmup, 0)
+    if not lat.max_spread > 0:
+        raise ConfigError(f"latency.max_spread must be > 0, got {lat.max_spread}")
     if not 0.0 <= s.max_runtime_disagreement <= 1.0:
         raise ConfigError(f"search.max_runtime_disagreement must be in [0, 1], got {s.max_runtime_disagreement}")
     if s.sampler not in SAMPLERS:

@@ -7,6 +7,27 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 METRIC_COLUMNS = ("accuracy", "size_bytes", "latency_ms", "compression_ratio", "speedup", "accuracy_drop")
+FINAL_COLUMNS = (
+    "val_accuracy",
+    "test_accuracy",
+    "size_bytes",
+    "compression_ratio",
+    "final_latency_ms",
+    "final_speedup",
+    "final_latency_ms_b64",
+    "final_speedup_b64",
+)
+HEADERS = {
+    "val_accuracy": "val_acc",
+    "test_accuracy": "test_acc",
+    "size_bytes": "size",
+    "compression_ratio": "ratio",
+    "final_latency_ms": "latency",
+    "final_speedup": "speedup",
+    "final_latency_ms_b64": "latency_b64",
+    "final_speedup_b64": "speedup_b64",
+    "accuracy_drop": "acc_drop",
+}
 
 
 def param_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -16,7 +37,8 @@ def param_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     columns = ["trial", "state", "pareto", *param_columns(rows)]
-    columns += sorted({k for row in rows for k in row} - set(columns) - {"fail_reason"}) + ["fail_reason"]
+    rest = {k for row in rows for k in row} - set(columns) - {"fail_reason", "mlflow_run_id"}
+    columns += sorted(rest) + ["fail_reason", "mlflow_run_id"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -63,24 +85,21 @@ def _fmt(key: str, value: Any) -> str:
         return "-"
     if key == "size_bytes":
         return f"{value / 1024:.1f} kB"
-    if key == "latency_ms":
+    if "latency_ms" in key:
         return f"{value:.3f} ms"
-    if key in ("compression_ratio", "speedup"):
+    if "speedup" in key or key == "compression_ratio":
         return f"{value:.2f}x"
     if isinstance(value, float):
-        return f"{value:.4f}" if key in ("accuracy", "accuracy_drop") else f"{value:.3g}"
+        return f"{value:.4f}" if "accuracy" in key else f"{value:.3g}"
     return str(value)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def format_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = METRIC_COLUMNS) -> str:
     """A plain text table: trial, its parameters, then the measured figures."""
     params = param_columns(rows)
-    headers = [
-        "trial",
-        *[p.split(".", 1)[1] for p in params],
-        *[m for m in METRIC_COLUMNS if any(m in r for r in rows)],
-    ]
-    keys = ["trial", *params, *headers[1 + len(params) :]]
+    shown = [m for m in metrics if any(m in r for r in rows)]
+    headers = ["trial", *[p.split(".", 1)[1] for p in params], *[HEADERS.get(m, m) for m in shown]]
+    keys = ["trial", *params, *shown]
     body = [[_fmt(k, row.get(k)) for k in keys] for row in rows]
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]

@@ -8,6 +8,7 @@ then runs trials until the study holds the target number of finished ones.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -23,17 +24,20 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from experiments.workloads import Workload, build_workload
+from objectives.accuracy import top1_accuracy
 from objectives.base import EvalContext, LatencySettings, Objective, ObjectiveError
 from objectives.complexity import count_macs, count_params
+from objectives.latency import LatencyMs
 from objectives.registry import get_objective
 from search.config import Config, ConfigError
 from search.tracking import Tracker, sqlite_uri
 from strategies import pipeline
-from strategies.artifact import save_artifact
+from strategies.artifact import load_artifact, save_artifact
 from strategies.base import CompressionError, Context, Strategy
-from strategies.runtime import Deployable, check_agreement, materialize
+from strategies.runtime import ARTIFACT_NAME, Deployable, check_agreement, materialize
 
 logger = logging.getLogger(__name__)
+
 
 class RuntimeMismatch(Exception):
     """The runtime computes something other than the simulated model: the trial fails."""
@@ -55,6 +59,7 @@ class Prepared:
     context: Context
     eval_context: EvalContext
     baseline: dict[str, float]
+    baseline_deployable: Deployable
     tracker: Tracker
     study: optuna.Study
     parent_run_id: str
@@ -128,12 +133,11 @@ def _measure(
 
 
 def _relative(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
-    """compression_ratio, speedup and accuracy_drop against the same-process baseline."""
+    """compression_ratio and accuracy_drop against the baseline (speedup comes from the
+    interleaved latency measurement itself)."""
     out = {}
     if "size_bytes" in metrics:
         out["compression_ratio"] = baseline["size_bytes"] / metrics["size_bytes"]
-    if "latency_ms" in metrics:
-        out["speedup"] = baseline["latency_ms"] / metrics["latency_ms"]
     if "accuracy" in metrics:
         out["accuracy_drop"] = baseline["accuracy"] - metrics["accuracy"]
     return out
@@ -187,7 +191,13 @@ def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = log
         val_x=workload.val.x,
         val_y=workload.val.y,
         example_inputs=workload.example_inputs,
-        latency=LatencySettings(batch_size=lat.batch_size, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats),
+        latency=LatencySettings(
+            batch_sizes=lat.batch_sizes,
+            threads=lat.threads,
+            warmup=lat.warmup,
+            repeats=lat.repeats,
+            max_spread=lat.max_spread,
+        ),
     )
 
     # The baseline is measured in this process, so speedups are same-run ratios.
@@ -202,6 +212,7 @@ def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = log
     )
     all_objectives = [get_objective(name)() for name in ("accuracy", "size_bytes", "latency_ms")]
     baseline = _measure(deployable, all_objectives, eval_context, workload.example_inputs)
+    eval_context.reference_run = deployable.run  # every trial is timed interleaved with it
 
     tracker = Tracker(sqlite_uri(run_dir), config.name, artifact_dir=run_dir / "mlartifacts")
     storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
@@ -233,6 +244,7 @@ def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = log
         context,
         eval_context,
         baseline,
+        deployable,
         tracker,
         study,
         parent_run_id,
@@ -284,11 +296,19 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
         metrics["trial_seconds"] = time.perf_counter() - started
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
-        p.tracker.log(run_id, metrics=metrics, tags={"state": "COMPLETE"})
+        tags = {"state": "COMPLETE"}
+        if _noisy(metrics, p.eval_context.latency.max_spread):
+            tags["latency_noisy"] = "true"
+            trial.set_user_attr("latency_noisy", True)
+        p.tracker.log(run_id, metrics=metrics, tags=tags)
         p.tracker.end(run_id, "FINISHED")
         return tuple(metrics[o.name] for o in p.objectives)
 
     return run_trial
+
+
+def _noisy(metrics: dict[str, float], max_spread: float) -> bool:
+    return any(v > max_spread for k, v in metrics.items() if k.startswith("latency_spread"))
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -337,8 +357,51 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         row.update(t.params)
         row.update({k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         row["fail_reason"] = t.user_attrs.get("fail_reason", "")
+        row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id", "")
         rows.append(row)
     return rows
+
+
+def finalize(p: Prepared, pareto: list[dict[str, Any]]) -> dict[str, float]:
+    """Rebuild every Pareto trial from its stored artifact, time it again alone and longer
+    (interleaved with the baseline), and score it once on the untouched test split.
+
+    Updates the rows in place and returns the baseline's test figures. Pareto membership was
+    decided on the search objectives only; nothing here feeds back into the search.
+    """
+    test = p.workload.test
+    settings = dataclasses.replace(p.eval_context.latency, repeats=p.config.latency.final_repeats)
+    context = dataclasses.replace(p.eval_context, latency=settings)
+    baseline = {"baseline_test_accuracy": top1_accuracy(p.baseline_deployable.predict, test.x, test.y)}
+    for row in pareto:
+        trial_dir = p.run_dir / "trials" / f"{row['trial']:04d}"
+        model = load_artifact(trial_dir / ARTIFACT_NAME, p.workload.factory)
+        deployable = materialize(
+            model,
+            trial_dir / "final",
+            runtime=p.config.latency.runtime,
+            threads=p.config.latency.threads,
+            example_inputs=p.workload.example_inputs,
+            save_artifact=save_artifact,
+        )
+        figures = {
+            "val_accuracy": top1_accuracy(deployable.predict, p.workload.val.x, p.workload.val.y),
+            "test_accuracy": top1_accuracy(deployable.predict, test.x, test.y),
+        }
+        figures["test_accuracy_drop"] = baseline["baseline_test_accuracy"] - figures["test_accuracy"]
+        figures.update({f"final_{k}": v for k, v in LatencyMs().measure(deployable, context).items()})
+        if figures["val_accuracy"] != row.get("accuracy", figures["val_accuracy"]):
+            logger.warning("trial %d rebuilt from its artifact scores %.4f on val, not %.4f",
+                           row["trial"], figures["val_accuracy"], row["accuracy"])  # fmt: skip
+        row.update(figures)
+        if row.get("mlflow_run_id"):
+            p.tracker.log(row["mlflow_run_id"], metrics=figures)
+        logger.info(
+            "finalist trial %d: val %.4f, test %.4f, %.3f ms (%.2fx)",
+            row["trial"], figures["val_accuracy"], figures["test_accuracy"],
+            figures["final_latency_ms"], figures["final_speedup"],
+        )  # fmt: skip
+    return baseline
 
 
 def summarize(p: Prepared) -> SearchResult:
@@ -346,11 +409,15 @@ def summarize(p: Prepared) -> SearchResult:
 
     rows = trial_rows(p.study)
     pareto = [r for r in rows if r["pareto"]]
+    if pareto:
+        p.tracker.log(p.parent_run_id, metrics=finalize(p, pareto))
     for t in p.study.trials:
         run_id = t.user_attrs.get("mlflow_run_id")
         if run_id and t.state == TrialState.COMPLETE:
             p.tracker.set_tag(run_id, "pareto", str(any(r["trial"] == t.number for r in pareto)).lower())
     table = write_table(rows, p.run_dir / "results.csv")
+    if pareto:
+        p.tracker.log_artifact(p.parent_run_id, write_table(pareto, p.run_dir / "finalists.csv"))
     plot = write_plot(rows, p.baseline, p.run_dir / "pareto.png")
     p.tracker.log_artifact(p.parent_run_id, table)
     p.tracker.log_artifact(p.parent_run_id, plot)

@@ -42,7 +42,9 @@ def prune_weights_(model: nn.Module, sparsity: float) -> nn.Module:
     weights = prunable_weights(model)
     if not weights:
         raise UnstructuredPruningError("unstructured pruning found no Conv2d or Linear weights")
-    scores = torch.cat([(w.detach().abs() / w.detach().std(correction=0).clamp_min(1e-12)).flatten() for _, w in weights])
+    scores = torch.cat(
+        [(w.detach().abs() / w.detach().std(correction=0).clamp_min(1e-12)).flatten() for _, w in weights]
+    )
     k = int(round(sparsity * scores.numel()))
     if k == 0:
         return model

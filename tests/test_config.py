@@ -58,12 +58,12 @@ def test_empty_search_space_is_refused():
 def test_override_parses_yaml_values_and_dotted_space_keys():
     raw = smoke_raw()
     apply_override(raw, "search_space.quantization.weight_bits=[2, 8]")
-    apply_override(raw, "latency.batch_size=64")
+    apply_override(raw, "latency.batch_sizes=[1, 64]")
     config = parse_config(raw)
     assert config.search_space["quantization.weight_bits"] == [2, 8]
-    assert config.latency.batch_size == 64
+    assert config.latency.batch_sizes == (1, 64)
     with pytest.raises(ConfigError, match="key=value"):
-        apply_override(raw, "latency.batch_size")
+        apply_override(raw, "latency.batch_sizes")
 
 
 def test_identity_ignores_trial_budget_only():

@@ -54,11 +54,12 @@ def test_latency_times_warmup_plus_repeats_calls_on_the_configured_batch(tmp_pat
         shapes.append(batch.shape)
         sum(range(2000))  # some work
 
-    ctx = eval_context(batch_size=8, warmup=3, repeats=11)
+    ctx = eval_context(batch_sizes=(8, 2), warmup=3, repeats=11)
     metrics = LatencyMs().measure(candidate(tmp_path, run=run), ctx)
-    assert len(shapes) == 14 and set(shapes) == {(8, 1, 28, 28)}
+    assert len(shapes) == 28 and shapes.count((8, 1, 28, 28)) == 14 and shapes.count((2, 1, 28, 28)) == 14
     assert metrics["latency_ms"] > 0 and metrics["latency_p90_ms"] >= metrics["latency_ms"]
-    assert metrics["latency_spread"] >= 0
+    assert metrics["latency_spread"] >= 0 and metrics["latency_ms_b2"] > 0
+    assert "speedup" not in metrics  # no reference runner, no ratio
     stats = time_runner(run, np.zeros((1, 1, 28, 28), np.float32), 0, 9)
     assert stats.p10_ms <= stats.median_ms <= stats.p90_ms and stats.repeats == 9
 
@@ -80,7 +81,30 @@ def test_registry_lists_valid_names():
         get_objective("flops")
 
 
-@pytest.mark.parametrize("key, value", [("batch_size", 0), ("threads", -1), ("repeats", 1.5), ("warmup", -1)])
+def test_reference_is_timed_interleaved_and_gives_a_same_run_speedup(tmp_path):
+    calls = []
+
+    def fast(batch):
+        calls.append("candidate")
+
+    def slow(batch):
+        calls.append("baseline")
+        sum(range(20000))
+
+    ctx = eval_context(warmup=2, repeats=6)
+    ctx.reference_run = slow
+    metrics = LatencyMs().measure(candidate(tmp_path, run=fast), ctx)
+    timed = calls[4:]  # after 2 warm-up calls each
+    assert sorted(timed[:2]) == ["baseline", "candidate"]  # alternating, call by call
+    assert all(timed[i] != timed[i + 1] for i in range(0, len(timed), 2))
+    assert metrics["speedup"] == metrics["baseline_latency_ms"] / metrics["latency_ms"]
+    assert metrics["speedup"] > 1  # the slow reference does strictly more work
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("batch_sizes", (0,)), ("batch_sizes", ()), ("threads", -1), ("repeats", 1.5), ("warmup", -1), ("max_spread", 0)],
+)
 def test_latency_settings_are_validated(key, value):
     with pytest.raises(ValueError, match=f"latency.{key}"):
         LatencySettings(**{key: value})

@@ -63,9 +63,15 @@ def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
     for p in pareto:
         a = vec[p.info.run_id]
         assert not any(all(x <= y for x, y in zip(b, a)) and b != a for b in vec.values())
-    assert "baseline_accuracy" in parents[0].data.metrics
+    assert {"baseline_accuracy", "baseline_test_accuracy"} <= set(parents[0].data.metrics)
     artifacts = {a.path for a in MlflowClient(sqlite_uri(run_dir)).list_artifacts(parent_id)}
-    assert {"results.csv", "pareto.png"} <= artifacts
+    assert {"results.csv", "pareto.png", "finalists.csv"} <= artifacts
+    # finalists were rebuilt from their artifacts: same val accuracy, plus a test-split score
+    for p in pareto:
+        m = p.data.metrics
+        assert m["val_accuracy"] == m["accuracy"] and 0 <= m["test_accuracy"] <= 1
+        assert m["final_latency_ms"] > 0 and m["final_speedup"] > 0
+    assert not any("test_accuracy" in c.data.metrics for c in complete if c not in pareto)
     assert (run_dir / "mlflow.db").exists() and (run_dir / "optuna.journal").exists()
 
     # the same command with a higher target adds exactly the difference, under the same parent
