@@ -87,7 +87,7 @@ def resolve_callable(spec: str, what: str) -> Callable:
     return target
 
 
-def _factory(model: str) -> Callable[[], nn.Module]:
+def model_factory(model: str) -> Callable[[], nn.Module]:
     if model in MODELS:
         return MODELS[model]
     if ":" not in model:
@@ -211,7 +211,7 @@ def build_workload(
 ) -> Workload:
     progress = progress or logger.info
     recipe = training if isinstance(training, TrainingRecipe) else TrainingRecipe(**(training or {}))
-    factory = _factory(model)
+    factory = model_factory(model)
     net = factory()
     if not isinstance(net, nn.Module):
         raise ValueError(f"workload.model: {model!r} returned {type(net).__name__}, not a torch.nn.Module")

@@ -104,6 +104,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from search.export import export_trial
+
+    out = export_trial(Path(args.run_dir), args.trial, Path(args.out))
+    for path in sorted(out.iterdir()):
+        print(f"{path}  {path.stat().st_size} bytes")
+    return EXIT_OK
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from search.tracking import sqlite_uri
 
@@ -142,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. search.sampler=random"
     )
     run.set_defaults(func=cmd_run)
+
+    export = sub.add_parser("export", help="write a deployable package of one trial")
+    export.add_argument("--run-dir", required=True)
+    export.add_argument("--trial", type=int, required=True, help="the trial number (see the Pareto table)")
+    export.add_argument("--out", required=True, help="a new directory for model.onnx, weights.acw and model.json")
+    export.set_defaults(func=cmd_export)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on a run directory's store")
     ui.add_argument("--run-dir", required=True)

@@ -116,6 +116,13 @@ def validate(config: Config) -> tuple[list[Strategy], list[Objective]]:
     return strategies, objectives
 
 
+def open_study(run_dir: Path, config: Config) -> optuna.Study:
+    """The run directory's study, created on first use."""
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    directions = [get_objective(name).direction for name in config.search.objectives]
+    return optuna.create_study(storage=storage, study_name=config.name, directions=directions, load_if_exists=True)
+
+
 def _batched(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
@@ -215,13 +222,7 @@ def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = log
     eval_context.reference_run = deployable.run  # every trial is timed interleaved with it
 
     tracker = Tracker(sqlite_uri(run_dir), config.name, artifact_dir=run_dir / "mlartifacts")
-    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
-    study = optuna.create_study(
-        storage=storage,
-        study_name=config.name,
-        directions=[o.direction for o in objectives],
-        load_if_exists=True,
-    )
+    study = open_study(run_dir, config)
     study.sampler = make_sampler(config.search.sampler, config.seed + len(study.trials))
     parent_run_id = tracker.start_parent(study.user_attrs.get("mlflow_parent_run_id"), config.name)
     study.set_user_attr("mlflow_parent_run_id", parent_run_id)

@@ -74,6 +74,26 @@ def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
     assert not any("test_accuracy" in c.data.metrics for c in complete if c not in pareto)
     assert (run_dir / "mlflow.db").exists() and (run_dir / "optuna.journal").exists()
 
+    # every Pareto trial exports to a package that reproduces it
+    from experiments.data import load_fashion_mnist
+    from search.export import load_package
+    from strategies.runtime import check_agreement, ort_session
+
+    val_x = load_fashion_mnist()[1].x[:500]
+    for p in pareto:
+        number = int(p.data.tags["optuna.trial"])
+        out = tmp_path / f"package-{number}"
+        assert main(["export", "--run-dir", str(run_dir), "--trial", str(number), "--out", str(out)]) == 0
+        assert (out / "weights.acw").stat().st_size == p.data.metrics["size_bytes"]
+        model = load_package(out)
+        session = ort_session(out / "model.onnx", threads=1)
+        runtime = lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])  # noqa: E731
+        with torch.no_grad():
+            assert check_agreement(runtime, model, val_x) <= 0.005
+            if p.data.params.get("quantization.activation_bits") in (None, "32"):
+                assert (runtime(val_x) - model(val_x)).abs().max() <= 1e-4
+    assert main(["export", "--run-dir", str(run_dir), "--trial", "99", "--out", str(tmp_path / "x")]) == 2
+
     # the same command with a higher target adds exactly the difference, under the same parent
     assert main(["run", SMOKE, "--n-trials", "4", "--run-dir", str(run_dir)]) == 0
     assert len(load_study(run_dir).trials) == 4
