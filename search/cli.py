@@ -83,7 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     batches = "/".join(str(b) for b in config.latency.batch_sizes)
     print(
-        f"baseline: val accuracy {baseline['accuracy']:.4f}  size {baseline['size_bytes'] / 1024:.1f} kB  "
+        f"baseline: val accuracy {baseline['accuracy']:.4f}  test accuracy "
+        f"{baseline.get('baseline_test_accuracy', float('nan')):.4f}  size {baseline['size_bytes'] / 1024:.1f} kB  "
         f"latency {baseline['latency_ms']:.3f} ms ({config.latency.runtime}, batch {batches}, "
         f"{config.latency.threads} thread{'s' if config.latency.threads > 1 else ''})"
     )

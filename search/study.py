@@ -288,11 +288,16 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
             metrics.update(_relative(metrics, p.baseline))
             metrics["runtime_disagreement"] = disagreement
         except BaseException as error:
-            failure = isinstance(error, TRIAL_FAILURES)
-            reason = f"{type(error).__name__}: {error}" if failure else f"error: {type(error).__name__}: {error}"
+            interrupted = isinstance(error, KeyboardInterrupt)
+            if interrupted:
+                reason = "interrupted"
+            elif isinstance(error, TRIAL_FAILURES):
+                reason = f"{type(error).__name__}: {error}"
+            else:
+                reason = f"error: {type(error).__name__}: {error}"
             trial.set_user_attr("fail_reason", reason)
             p.tracker.log(run_id, tags={"state": "FAIL", "fail_reason": reason, "optuna.trial": trial.number})
-            p.tracker.end(run_id, "FAILED")
+            p.tracker.end(run_id, "KILLED" if interrupted else "FAILED")
             raise
         metrics["trial_seconds"] = time.perf_counter() - started
         for key, value in metrics.items():
@@ -411,7 +416,9 @@ def summarize(p: Prepared) -> SearchResult:
     rows = trial_rows(p.study)
     pareto = [r for r in rows if r["pareto"]]
     if pareto:
-        p.tracker.log(p.parent_run_id, metrics=finalize(p, pareto))
+        final_baseline = finalize(p, pareto)
+        p.baseline.update(final_baseline)
+        p.tracker.log(p.parent_run_id, metrics=final_baseline)
     for t in p.study.trials:
         run_id = t.user_attrs.get("mlflow_run_id")
         if run_id and t.state == TrialState.COMPLETE:

@@ -1,27 +1,41 @@
 """The packed weights file: what a trial's `size_bytes` measures.
 
-Layout::
+Layout (little-endian)::
 
-    b"ACW1" | uint32 LE header length | zlib(JSON header) | payload
+    b"ACWF" | uint16 version | uint32 header length | zlib(JSON header) | payload
 
-The header lists every state-dict tensor with its shape, encoding and byte range in the
-payload, plus the BatchNorms folded away. Encodings, chosen per tensor by whichever is
-smaller:
+The JSON header holds:
 
-- ``raw``: the tensor's bytes in its own dtype (biases, BN statistics, float weights).
-- ``codes``: quantized weights as b-bit codes, bit-packed (b bits per weight, not a byte),
-  offset to unsigned. The per-channel scales are their own ``raw`` tensor.
-- ``sparse``: a 1-bit-per-element presence bitmap (np.packbits) followed by only the
-  non-zero elements, themselves ``raw`` or ``codes``.
+- ``tensors``: every state-dict tensor in order, as ``{name, shape, dtype, encoding, layout,
+  offset, length}`` (+ ``bits`` for codes); offset/length index the payload.
+- ``identity``: modules that are nn.Identity in the saved model (the folded BatchNorms).
+- ``conv_groups``: each Conv2d's groups, which structured pruning may change.
+
+Encodings:
+
+- ``raw``: the tensor's bytes in its own dtype (biases, BN parameters and statistics,
+  unquantized weights, scales and activation qparams).
+- ``codes``: a quantized weight as b-bit codes, offset to unsigned (code + 2^(b-1)-1) and
+  bit-packed, most significant bit first: b bits per weight, not a byte. Its per-channel
+  scales are the ``raw`` tensor ``<layer>.weight_scale``; the weight is codes × scale.
+
+Layouts, chosen per tensor by whichever is smaller:
+
+- ``dense``: every element.
+- ``sparse``: a 1-bit-per-element presence bitmap (np.packbits, MSB first) followed by only
+  the non-zero elements in the tensor's encoding. "Zero" is the all-zero bit pattern, so
+  -0.0 is kept.
 
 The loader rebuilds the model from the workload's factory: folded BNs become nn.Identity,
-layers are resized to the stored shapes (structured pruning made them smaller), and
+layers are resized to the stored shapes (structured pruning made them smaller), and the
 quantization buffers and input fake-quant are restored. Outputs are bit-identical.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import struct
 import tempfile
@@ -33,10 +47,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from strategies.fold import set_submodule_
 from strategies.quantization import qmax, set_input_quantization_, set_weight_quantization_, weight_codes
 
-MAGIC = b"ACW1"
+logger = logging.getLogger(__name__)
+
+MAGIC = b"ACWF"
 VERSION = 1
+_PREFIX = struct.Struct("<4sHI")  # magic, version, header length
+_QUANT_BUFFERS = ("weight_scale", "weight_bits", "input_scale", "input_zero_point")
 
 
 # ------------------------------------------------------------------ bit packing
@@ -44,7 +63,7 @@ VERSION = 1
 
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     """Signed codes in [-qmax, qmax] → b bits each, most significant bit first."""
-    unsigned = (codes.astype(np.int64) + qmax(bits)).astype(np.uint16)
+    unsigned = (codes.astype(np.int64).ravel() + qmax(bits)).astype(np.uint16)
     shifts = np.arange(bits - 1, -1, -1, dtype=np.uint16)
     return np.packbits(((unsigned[:, None] >> shifts) & 1).astype(np.uint8)).tobytes()
 
@@ -55,63 +74,61 @@ def unpack_codes(data: bytes, count: int, bits: int) -> np.ndarray:
     return (unsigned - qmax(bits)).astype(np.int32)
 
 
-def _dense_and_sparse(values: np.ndarray, encode: Callable[[np.ndarray], bytes]) -> tuple[str, bytes]:
+def _present(values: np.ndarray) -> np.ndarray:
+    """Elements whose bit pattern is not all zero (keeps -0.0, which != 0 would drop)."""
+    return values.view(np.uint8).reshape(values.size, values.itemsize).any(axis=1)
+
+
+def _pack(values: np.ndarray, encode: Callable[[np.ndarray], bytes]) -> tuple[str, bytes]:
     dense = encode(values)
-    nonzero = values != 0
-    if nonzero.all():
+    present = _present(values)
+    if present.all():
         return "dense", dense
-    sparse = np.packbits(nonzero).tobytes() + encode(values[nonzero])
+    sparse = np.packbits(present).tobytes() + encode(values[present])
     return ("sparse", sparse) if len(sparse) < len(dense) else ("dense", dense)
 
 
 # ------------------------------------------------------------------------ save
 
 
-def _quantized(model: nn.Module) -> dict[str, int]:
-    """Layer name → weight bits, for layers carrying weight quantization buffers."""
-    return {name: int(m.weight_bits) for name, m in model.named_modules() if hasattr(m, "weight_bits")}
-
-
-def _folded(model: nn.Module) -> list[str]:
-    # Folded BatchNorms are the Identity modules (re-applying Identity to a factory's own is harmless).
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Identity) and name]
-
-
 def encode_model(model: nn.Module) -> bytes:
-    quantized = _quantized(model)
+    """The artifact's bytes for `model` (see the module docstring for the layout)."""
+    modules = dict(model.named_modules())
     entries, chunks, offset = [], [], 0
     for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
         layer, _, attr = name.rpartition(".")
-        entry: dict = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        module = modules[layer]
         if attr == "weight_bits":
-            continue  # recorded in the header as "bits"
-        if attr == "weight" and layer in quantized:
-            bits = quantized[layer]
-            module = model.get_submodule(layer)
+            continue  # stored as the weight entry's "bits"
+        tensor = tensor.detach().cpu().contiguous()
+        entry: dict = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        if attr == "weight" and hasattr(module, "weight_bits"):
+            bits = int(module.weight_bits)
             codes = weight_codes(tensor, module.weight_scale, bits).numpy().ravel()
-            layout, data = _dense_and_sparse(codes, lambda v, b=bits: pack_codes(v, b))
-            entry.update(encoding="codes", layout=layout, bits=bits, count=int(codes.size))
+            layout, data = _pack(codes, lambda v: pack_codes(v, bits))
+            entry.update(encoding="codes", bits=bits)
         else:
-            values = tensor.numpy().ravel()
-            layout, data = _dense_and_sparse(values, lambda v: v.tobytes())
-            entry.update(encoding="raw", layout=layout, count=int(values.size))
-        entry.update(offset=offset, length=len(data))
+            layout, data = _pack(tensor.numpy().ravel(), lambda v: v.tobytes())
+            entry.update(encoding="raw")
+        entry.update(layout=layout, offset=offset, length=len(data))
         entries.append(entry)
         chunks.append(data)
         offset += len(data)
-    inputs = [name for name, m in model.named_modules() if hasattr(m, "input_scale")]
-    header = {"version": VERSION, "folded": _folded(model), "input_quantized": inputs, "tensors": entries}
+    header = {
+        "tensors": entries,
+        "identity": [name for name, m in modules.items() if name and isinstance(m, nn.Identity)],
+        "conv_groups": {name: m.groups for name, m in modules.items() if isinstance(m, nn.Conv2d)},
+    }
     packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    return MAGIC + struct.pack("<I", len(packed)) + packed + b"".join(chunks)
+    return _PREFIX.pack(MAGIC, VERSION, len(packed)) + packed + b"".join(chunks)
 
 
 def save_artifact(model: nn.Module, path: str | Path) -> int:
-    """Write the packed file atomically; returns its size in bytes."""
+    """Write the packed file atomically (temp file + rename); returns its size in bytes."""
     data = encode_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -119,91 +136,122 @@ def save_artifact(model: nn.Module, path: str | Path) -> int:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path.stat().st_size
+    size = path.stat().st_size
+    logger.debug("wrote %s: %d bytes", path, size)
+    return size
 
 
 # ------------------------------------------------------------------------ load
 
 
-def _read_header(data: bytes, path: Path) -> tuple[dict, memoryview]:
-    if len(data) < 8 or data[:4] != MAGIC:
+def _parse(data: bytes, path: Path) -> tuple[dict, memoryview]:
+    if len(data) < _PREFIX.size or data[:4] != MAGIC:
         raise ValueError(f"{path} is not an autocompress weights file (bad magic)")
-    (length,) = struct.unpack("<I", data[4:8])
+    _, version, length = _PREFIX.unpack_from(data)
+    if version != VERSION:
+        raise ValueError(f"{path} has format version {version}; this reader knows version {VERSION}")
+    start = _PREFIX.size + length
     try:
-        header = json.loads(zlib.decompress(data[8 : 8 + length]))
+        header = json.loads(zlib.decompress(data[_PREFIX.size : start]))
     except (zlib.error, ValueError) as error:
-        raise ValueError(f"{path} has a corrupt header: {error}") from None
-    if header.get("version") != VERSION:
-        raise ValueError(f"{path} has format version {header.get('version')}, this reader knows {VERSION}")
-    payload = memoryview(data)[8 + length :]
-    end = max((e["offset"] + e["length"] for e in header["tensors"]), default=0)
-    if len(payload) != end:
-        raise ValueError(f"{path} is truncated or has trailing bytes: payload {len(payload)} bytes, expected {end}")
+        raise ValueError(f"{path} is truncated or has a corrupt header: {error}") from None
+    payload = memoryview(data)[start:]
+    try:
+        expected = sum(int(entry["length"]) for entry in header["tensors"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} has a malformed header: {type(error).__name__}: {error}") from None
+    if len(payload) != expected:
+        raise ValueError(f"{path} is truncated or has trailing bytes: payload {len(payload)} bytes, expected {expected}")
     return header, payload
 
 
+def read_header(path: str | Path) -> dict:
+    """The JSON header of an artifact (the tensor table, identity modules, conv groups)."""
+    path = Path(path)
+    return _parse(path.read_bytes(), path)[0]
+
+
 def _decode(entry: dict, blob: bytes) -> np.ndarray:
-    count = entry["count"]
+    count = math.prod(entry["shape"])
     if entry["encoding"] == "codes":
-        decode = lambda data, n: unpack_codes(data, n, entry["bits"])  # noqa: E731
-        dtype = np.int32
+        bits = entry["bits"]
+        dtype, size = np.dtype(np.int32), lambda n: (n * bits + 7) // 8
+        decode = lambda data, n: unpack_codes(data, n, bits)  # noqa: E731
     else:
         dtype = np.dtype(entry["dtype"])
+        size = lambda n: n * dtype.itemsize  # noqa: E731
         decode = lambda data, n: np.frombuffer(data, dtype=dtype, count=n).copy()  # noqa: E731
     if entry["layout"] == "dense":
-        return decode(blob, count)
-    mask_bytes = (count + 7) // 8
-    mask = np.unpackbits(np.frombuffer(blob[:mask_bytes], dtype=np.uint8))[:count].astype(bool)
+        mask_bytes, present = 0, np.ones(count, dtype=bool)
+    else:
+        mask_bytes = (count + 7) // 8
+        present = np.unpackbits(np.frombuffer(blob[:mask_bytes], dtype=np.uint8), count=count).astype(bool)
+    stored = int(present.sum())
+    if len(blob) != mask_bytes + size(stored):
+        raise ValueError(f"tensor {entry['name']} has {len(blob)} bytes, expected {mask_bytes + size(stored)}")
     values = np.zeros(count, dtype=dtype)
-    values[mask] = decode(blob[mask_bytes:], int(mask.sum()))
-    return values
+    values[present] = decode(blob[mask_bytes:], stored)
+    return values.reshape(entry["shape"])
 
 
-def _resize_(module: nn.Module, attr: str, shape: torch.Size) -> None:
-    """Give a layer's parameter/buffer the stored shape, and fix the layer's size attributes."""
-    current = getattr(module, attr, None)
-    if current is None or current.shape != shape:
-        replacement = torch.zeros(shape, dtype=current.dtype if current is not None else torch.float32)
-        if attr in module._parameters or (current is None and attr == "bias"):
-            module._parameters[attr] = nn.Parameter(replacement, requires_grad=True)
-        else:
-            module._buffers[attr] = replacement
-    if attr != "weight" and not isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return
+def _set_tensor_(module: nn.Module, attr: str, value: torch.Tensor) -> None:
+    """Install `value` as the module's parameter or buffer `attr`, whatever its old shape."""
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(value, requires_grad=True if old is None else old.requires_grad)
+    elif attr in module._buffers or attr in _QUANT_BUFFERS:
+        module.register_buffer(attr, value)
+    else:
+        raise AttributeError(f"{type(module).__name__} has no parameter or buffer {attr!r}")
+
+
+def _fix_sizes_(module: nn.Module, groups: int | None) -> None:
+    """Make a resized layer's size attributes agree with its tensors (they drive repr and export)."""
     if isinstance(module, nn.Conv2d):
-        module.out_channels, module.in_channels = shape[0], shape[1] * module.groups
+        module.groups = groups if groups is not None else module.groups
+        module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
     elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = shape[0], shape[1]
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm) and len(shape) == 1:
-        module.num_features = shape[0]
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+        module.num_features = module.running_mean.shape[0]
 
 
 def load_artifact(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Module:
+    """Rebuild the saved model on `factory()`'s architecture, in eval mode.
+
+    Raises ValueError for a truncated or foreign file, or one the factory's model cannot hold.
+    """
     path = Path(path)
-    header, payload = _read_header(path.read_bytes(), path)
+    header, payload = _parse(path.read_bytes(), path)
     model = factory()
-    for name in header["folded"]:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
-    tensors = {}
-    for entry in header["tensors"]:
-        blob = bytes(payload[entry["offset"] : entry["offset"] + entry["length"]])
-        tensors[entry["name"]] = (entry, torch.from_numpy(_decode(entry, blob).reshape(entry["shape"])))
-    for name, (entry, value) in tensors.items():
-        layer, _, attr = name.rpartition(".")
-        module = model.get_submodule(layer) if layer else model
-        if attr in ("weight_scale", "input_scale", "input_zero_point"):
-            continue  # restored with their layer below
-        _resize_(module, attr, value.shape)
-        if entry["encoding"] == "codes":
-            scale = tensors[f"{layer}.weight_scale"][1]
-            set_weight_quantization_(module, value, scale, entry["bits"])
-        else:
-            getattr(module, attr).data = value.to(getattr(module, attr).dtype)
-    for layer in header["input_quantized"]:
-        module = model.get_submodule(layer)
-        set_input_quantization_(module, tensors[f"{layer}.input_scale"][1], tensors[f"{layer}.input_zero_point"][1])
+    try:
+        for name in header["identity"]:
+            set_submodule_(model, name, nn.Identity())
+        modules = dict(model.named_modules())
+        values = {}
+        for entry in header["tensors"]:
+            blob = bytes(payload[entry["offset"] : entry["offset"] + entry["length"]])
+            values[entry["name"]] = torch.from_numpy(_decode(entry, blob))
+        for entry in header["tensors"]:
+            layer, _, attr = entry["name"].rpartition(".")
+            module, value = modules[layer], values[entry["name"]]
+            if entry["encoding"] == "codes":
+                _set_tensor_(module, attr, torch.zeros(value.shape))
+                set_weight_quantization_(module, value, values[f"{layer}.weight_scale"], entry["bits"])
+            elif attr == "input_scale":  # registers both qparams and the fake-quant hook
+                set_input_quantization_(module, value, values[f"{layer}.input_zero_point"])
+            elif attr != "input_zero_point":
+                _set_tensor_(module, attr, value)
+    except (AttributeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} does not fit the factory's model: {type(error).__name__}: {error}") from None
+    for name, module in model.named_modules():
+        _fix_sizes_(module, header["conv_groups"].get(name))
+    stored = {entry["name"] for entry in header["tensors"]}
+    expected = {key for key in model.state_dict() if not key.endswith(".weight_bits")}
+    if stored != expected:
+        missing, extra = sorted(expected - stored), sorted(stored - expected)
+        raise ValueError(f"{path} does not fit the factory's model: missing {missing[:5]}, unexpected {extra[:5]}")
     return model.eval()
 
 
-__all__ = ["save_artifact", "load_artifact", "encode_model", "pack_codes", "unpack_codes"]
+__all__ = ["MAGIC", "VERSION", "encode_model", "load_artifact", "pack_codes", "read_header", "save_artifact", "unpack_codes"]

@@ -1,20 +1,27 @@
-"""Quantization: symmetric per-output-channel weights at 2–8 bits, optional int8 activations.
+"""Quantization: symmetric per-output-channel weights at 2–8 bits, optional uint8 activations.
 
 Weights: codes are integers in [-(2^(b-1)-1), 2^(b-1)-1] with one float32 scale per output
 channel and zero-point 0, so zero stays exactly zero (pruned weights stay pruned) and the
 codes map one-to-one onto int8 QDQ weights at deployment. The module's float weight becomes
-exactly `codes * scale`; the scale and bit-width are registered as buffers, so they travel
-with copies and state dicts and the artifact writer can recover the codes exactly.
+exactly `codes * scale`. The scale (`weight_scale`) and bit-width (`weight_bits`) are
+registered buffers, so they travel with copies and state dicts, and the artifact writer
+recovers the codes exactly as round(weight / scale).
 
-Activations (optional): the input of every quantized layer is fake-quantized per tensor to
-uint8 with a scale and zero-point calibrated on training batches, through a forward
-pre-hook that reads the layer's buffers (it exports to ONNX QuantizeLinear/DequantizeLinear).
+Activations (optional): the input of every Conv2d/Linear is fake-quantized per tensor to
+uint8 (affine, min/max calibrated) with `torch.fake_quantize_per_tensor_affine`, which
+exports to ONNX QuantizeLinear/DequantizeLinear. It is a forward pre-hook reading the
+layer's `input_scale`/`input_zero_point` buffers rather than a wrapper module: a wrapper
+would rename every state-dict key and submodule (`0.weight` → `0.layer.weight`), while a
+hook keeps names, so the model still matches its factory; the hook is a module-level
+function, so deepcopy and pickling keep it.
+
 BatchNorm is folded first, so the quantized weights are the ones that really run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -25,6 +32,8 @@ from torch.nn.utils import parametrize
 from strategies.base import ChoiceParam, CompressionError, Context, Strategy, StrategyConfig
 from strategies.fold import fold_batchnorm_
 
+logger = logging.getLogger(__name__)
+
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 32)
 ACTIVATION_BITS = (8, 32)
 LAYERS = (nn.Conv2d, nn.Linear)
@@ -34,32 +43,38 @@ class QuantizationError(CompressionError):
     pass
 
 
+def _check_choice(field: str, value: Any, choices: tuple[int, ...]) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value not in choices:
+        raise ValueError(f"quantization.{field} must be one of {list(choices)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class QuantizationConfig(StrategyConfig):
+    """`weight_bits` 32 and `activation_bits` 32 mean "not quantized"."""
+
     weight_bits: int = 32
     activation_bits: int = 32
 
     def validate(self) -> None:
-        if self.weight_bits not in WEIGHT_BITS or isinstance(self.weight_bits, bool):
-            raise ValueError(f"quantization.weight_bits must be one of {list(WEIGHT_BITS)}, got {self.weight_bits!r}")
-        if self.activation_bits not in ACTIVATION_BITS or isinstance(self.activation_bits, bool):
-            raise ValueError(
-                f"quantization.activation_bits must be one of {list(ACTIVATION_BITS)}, got {self.activation_bits!r}"
-            )
+        _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
+        _check_choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
+
+
+# ------------------------------------------------------------------- weight codes
 
 
 def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def channel_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """max|w| / qmax per output channel; an all-zero channel gets scale 1 (its codes are 0)."""
-    amax = weight.detach().abs().flatten(1).amax(dim=1)
-    return torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax)).float()
-
-
 def _broadcast(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return scale.view((-1,) + (1,) * (weight.dim() - 1))
+
+
+def channel_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """max|w| / qmax per output channel; an all-zero channel gets scale 1 (its codes are 0)."""
+    amax = weight.detach().abs().flatten(1).amax(dim=1).float()
+    return torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax))
 
 
 def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -69,32 +84,24 @@ def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The one expression both the strategy and the artifact loader use, so they agree bit for bit."""
-    return codes.to(torch.float32) * _broadcast(scale, codes)
+    return codes.to(torch.float32) * _broadcast(scale.to(torch.float32), codes)
 
 
-def _fake_quant_input(module: nn.Module, args: tuple) -> tuple:
-    return (
-        torch.fake_quantize_per_tensor_affine(args[0], module.input_scale, module.input_zero_point, 0, 255),
-    ) + args[1:]
-
-
-def set_weight_quantization_(module: nn.Module, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
-    """Make `module.weight` exactly codes*scale and record scale and bits as buffers."""
-    module.register_buffer("weight_scale", scale.to(torch.float32).clone())
-    module.register_buffer("weight_bits", torch.tensor(bits, dtype=torch.int32))
-    with torch.no_grad():
-        module.weight.data = dequantize(codes, module.weight_scale)
-
-
-def set_input_quantization_(module: nn.Module, scale: float | torch.Tensor, zero_point: int | torch.Tensor) -> None:
-    """Fake-quantize the module's input to uint8 with these parameters from now on."""
-    module.register_buffer("input_scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()).clone())
-    module.register_buffer("input_zero_point", torch.as_tensor(zero_point, dtype=torch.int32).reshape(()).clone())
-    module.register_forward_pre_hook(_fake_quant_input)
+def distinct_codes_per_channel(module: nn.Module) -> list[int]:
+    """How many distinct weight values each output channel holds."""
+    return [len(torch.unique(row)) for row in module.weight.detach().flatten(1)]
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     return ((name, m) for name, m in model.named_modules() if isinstance(m, LAYERS))
+
+
+def set_weight_quantization_(module: nn.Module, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
+    """Make `module.weight` exactly codes*scale and record scale and bits as buffers."""
+    module.register_buffer("weight_scale", scale.detach().to(torch.float32).clone())
+    module.register_buffer("weight_bits", torch.tensor(int(bits), dtype=torch.int32))
+    with torch.no_grad():
+        module.weight.data = dequantize(codes, module.weight_scale)
 
 
 def _check_finite(name: str, what: str, tensor: torch.Tensor) -> None:
@@ -106,19 +113,47 @@ def quantize_weights_(model: nn.Module, bits: int) -> None:
     for name, module in quantized_layers(model):
         _check_finite(name, "weights", module.weight)
         scale = channel_scales(module.weight, bits)
-        _check_finite(name, "weight scales", scale)
+        # A scale that underflowed to 0 would turn zeros into 0/0 = NaN codes.
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise QuantizationError(f"weight scales of layer {name} are not finite and positive")
         set_weight_quantization_(module, weight_codes(module.weight, scale, bits), scale, bits)
 
 
+# -------------------------------------------------------------------- activations
+
+
+def _fake_quant_input(module: nn.Module, args: tuple) -> tuple:
+    x = torch.fake_quantize_per_tensor_affine(args[0], module.input_scale, module.input_zero_point, 0, 255)
+    return (x,) + args[1:]
+
+
+def set_input_quantization_(module: nn.Module, scale: float | torch.Tensor, zero_point: int | torch.Tensor) -> None:
+    """Fake-quantize the module's input to uint8 with these parameters from now on."""
+    hooked = hasattr(module, "input_scale")
+    module.register_buffer("input_scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()).clone())
+    module.register_buffer("input_zero_point", torch.as_tensor(zero_point, dtype=torch.int32).reshape(()).clone())
+    if not hooked:  # re-calibrating updates the buffers; a second hook would quantize twice
+        module.register_forward_pre_hook(_fake_quant_input)
+
+
+def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """Affine uint8 scale and zero point for [lo, hi], widened to hold 0 exactly (ReLU zeros, padding)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255 if hi > lo else 1.0
+    return scale, int(min(255, max(0, round(-lo / scale))))
+
+
 def calibrate_inputs_(model: nn.Module, calibration_x: torch.Tensor, batch_size: int) -> None:
-    """Observe each quantized layer's input range on float activations, then turn fake-quant on."""
-    ranges: dict[str, list[float]] = {}
+    """Observe each layer's input range on float activations (min/max), then turn fake-quant on."""
+    if len(calibration_x) == 0:
+        raise QuantizationError("activation quantization needs calibration data, got none")
+    ranges: dict[str, tuple[float, float]] = {}
 
     def observer(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             lo, hi = float(args[0].min()), float(args[0].max())
-            old = ranges.get(name, [lo, hi])
-            ranges[name] = [min(old[0], lo), max(old[1], hi)]
+            old = ranges.get(name, (lo, hi))
+            ranges[name] = (min(old[0], lo), max(old[1], hi))
 
         return hook
 
@@ -132,11 +167,16 @@ def calibrate_inputs_(model: nn.Module, calibration_x: torch.Tensor, batch_size:
         for handle in handles:
             handle.remove()
     for name, module in layers.items():
-        lo, hi = min(ranges[name][0], 0.0), max(ranges[name][1], 0.0)  # the range must hold zero exactly
+        if name not in ranges:
+            logger.warning("layer %s never ran during calibration; its input stays float", name)
+            continue
+        lo, hi = ranges[name]
         if not (torch.isfinite(torch.tensor([lo, hi])).all()):
             raise QuantizationError(f"non-finite activations at the input of layer {name}")
-        scale = (hi - lo) / 255 if hi > lo else 1.0
-        set_input_quantization_(module, scale, int(min(255, max(0, round(-lo / scale)))))
+        set_input_quantization_(module, *uint8_qparams(lo, hi))
+
+
+# ---------------------------------------------------------------------- training
 
 
 class _STEWeight(nn.Module):
@@ -152,6 +192,9 @@ class _STEWeight(nn.Module):
         return weight + (quantized - weight).detach()
 
 
+# ---------------------------------------------------------------------- strategy
+
+
 class Quantization(Strategy):
     name = "quantization"
     config_cls = QuantizationConfig
@@ -162,7 +205,7 @@ class Quantization(Strategy):
 
     def suggest(self, trial: Any) -> QuantizationConfig:
         bits = self.space["quantization.weight_bits"].suggest(trial, "quantization.weight_bits")
-        if bits == 32:  # activations are only quantized together with weights
+        if bits == 32:  # activations are only searched together with weights
             return QuantizationConfig(weight_bits=32, activation_bits=32)
         activations = self.space["quantization.activation_bits"].suggest(trial, "quantization.activation_bits")
         return QuantizationConfig(weight_bits=bits, activation_bits=activations)
@@ -181,18 +224,26 @@ class Quantization(Strategy):
 
     @staticmethod
     def training_simulation(config: QuantizationConfig) -> Callable[[nn.Module], contextlib.AbstractContextManager]:
-        """f(model) → a context in which Conv/Linear weights are fake-quantized (STE)."""
+        """f(model) → a context in which Conv2d/Linear weights are fake-quantized (STE).
+
+        The Parameters the optimizer holds stay the float ones: on exit they are left as
+        trained, and the final quantization happens in `apply`.
+        """
 
         @contextlib.contextmanager
         def simulate(model: nn.Module) -> Iterator[nn.Module]:
+            if config.weight_bits == 32:
+                yield model
+                return
             layers = [m for _, m in quantized_layers(model)]
-            for module in layers:
-                parametrize.register_parametrization(module, "weight", _STEWeight(config.weight_bits))
+            done = []
             try:
+                for module in layers:
+                    parametrize.register_parametrization(module, "weight", _STEWeight(config.weight_bits))
+                    done.append(module)
                 yield model
             finally:
-                for module in layers:
-                    # Keep the float weights that were trained; quantization proper comes later.
+                for module in done:
                     parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
         return simulate

@@ -1,78 +1,163 @@
+import math
 import os
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from strategies.artifact import load_artifact, pack_codes, save_artifact, unpack_codes
-from strategies.quantization import Quantization, QuantizationConfig
-from strategies.structured import StructuredPruning, StructuredPruningConfig
-from strategies.unstructured import prune_weights_
-from tests.helpers import MODELS, context, trained_like
+from strategies.artifact import MAGIC, load_artifact, pack_codes, read_header, save_artifact, unpack_codes
+from strategies.quantization import quantized_layers
+from tests.test_quantization import inputs, lenet5, mlp_bn, prune_, quantize, random_model
+
+# channel-reduced sizes stand in for structured pruning; the factory always builds full size
+REDUCED = dict(c1=12, c2=30, hidden=200)
 
 CASES = {
-    "fp32": dict(),
-    "int8": dict(bits=8),
-    "4-bit": dict(bits=4),
-    "2-bit": dict(bits=2),
+    "fp32": {},
+    **{f"{b}-bit": dict(bits=b) for b in (2, 3, 4, 5, 6, 8)},
     "sparse90": dict(sparsity=0.9),
     "int8-activations": dict(bits=8, activations=8),
-    "structured": dict(ratio=0.5),
-    "all": dict(ratio=0.3, sparsity=0.8, bits=3, activations=8),
+    "activations-only": dict(bits=32, activations=8),
+    "reduced": dict(sizes=REDUCED),
+    "reduced-sparse-3bit-int8": dict(sizes=REDUCED, sparsity=0.8, bits=3, activations=8),
 }
 
 
-def build(name, case):
-    ctx = context()
-    model = trained_like(MODELS[name])
-    if case.get("ratio"):
-        model = StructuredPruning().apply(model, StructuredPruningConfig(case["ratio"]), ctx)
+def build(case):
+    model = random_model(**case.get("sizes", {}))
     if case.get("sparsity"):
-        model = prune_weights_(model, case["sparsity"])
+        prune_(model, case["sparsity"])
     if case.get("bits") or case.get("activations"):
-        config = QuantizationConfig(case.get("bits", 32), case.get("activations", 32))
-        model = Quantization().apply(model, config, ctx)
+        quantize(model, case.get("bits", 32), case.get("activations", 32))
     return model
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_artifact_reloads_to_identical_outputs_and_size_is_file_length(tmp_path, name, case):
-    model = build(name, CASES[case])
+def sizes(model):
+    keys = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
+    return {name: {k: getattr(m, k) for k in keys if hasattr(m, k)} for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_artifact_reloads_bit_identical_and_size_is_the_file_length(tmp_path, case):
+    model = build(CASES[case])
     path = tmp_path / "weights.acw"
     size = save_artifact(model, path)
     assert size == os.path.getsize(path)
-    loaded = load_artifact(path, MODELS[name])
-    x = torch.randn(32, 1, 28, 28)
+    assert os.listdir(tmp_path) == ["weights.acw"]  # no temporary file left behind
+
+    loaded = load_artifact(path, lenet5)
+    assert not loaded.training
+    x = inputs(32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert list(saved) == list(restored)
+    assert all(torch.equal(saved[k], restored[k]) and saved[k].dtype == restored[k].dtype for k in saved)
+    assert sizes(loaded) == sizes(model)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
     # saving the reloaded model gives the same bytes: nothing is lost or invented
     assert save_artifact(loaded, tmp_path / "again.acw") == size
     assert (tmp_path / "again.acw").read_bytes() == path.read_bytes()
+
+
+def test_reloaded_quantized_model_exports_to_onnx(tmp_path):
+    import onnxruntime as ort
+
+    model = build(CASES["reduced-sparse-3bit-int8"])
+    save_artifact(model, tmp_path / "w.acw")
+    loaded = load_artifact(tmp_path / "w.acw", lenet5)
+    torch.onnx.export(
+        loaded, (inputs(1),), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17,
+        input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )  # fmt: skip
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    x = inputs(64)
+    got = session.run(None, {"input": x.numpy()})[0]
+    assert got.shape == (64, 10)
+    assert np.array_equal(got.argmax(1), model(x).argmax(1).numpy())
 
 
 def test_bit_packing_uses_b_bits_per_code():
     for bits in (2, 3, 4, 5, 6, 8):
         q = 2 ** (bits - 1) - 1
         codes = np.random.default_rng(bits).integers(-q, q + 1, size=1001).astype(np.int32)
+        codes[:2] = -q, q  # both ends of the range
         data = pack_codes(codes, bits)
         assert len(data) == (1001 * bits + 7) // 8
         assert np.array_equal(unpack_codes(data, 1001, bits), codes)
 
 
-def test_sparse_low_bit_models_are_much_smaller(tmp_path):
-    dense = save_artifact(build("lenet300", {}), tmp_path / "a.acw")
-    small = save_artifact(build("lenet300", dict(sparsity=0.9, bits=4)), tmp_path / "b.acw")
-    # 10 % of weights at 4 bits plus a 1-bit map is about 1/0.175 = 23x smaller than fp32
-    assert dense / small > 15
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tensor_table_stores_packed_codes_and_sparse_maps_at_their_true_size(tmp_path, bits):
+    dense, sparse = build(dict(bits=bits)), build(dict(bits=bits, sparsity=0.9))
+    for model, layout in ((dense, "dense"), (sparse, "sparse")):
+        save_artifact(model, tmp_path / "w.acw")
+        table = {e["name"]: e for e in read_header(tmp_path / "w.acw")["tensors"]}
+        for name, layer in quantized_layers(model):
+            entry, n = table[f"{name}.weight"], layer.weight.numel()
+            assert (entry["encoding"], entry["bits"], entry["layout"]) == ("codes", bits, layout)
+            stored = n if layout == "dense" else int((layer.weight != 0).sum())
+            bitmap = 0 if layout == "dense" else math.ceil(n / 8)
+            assert entry["length"] == bitmap + math.ceil(stored * bits / 8)
+        assert all(table[k]["encoding"] == "raw" for k in table if not k.endswith(".weight"))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "magic", "extra"])
-def test_damaged_files_are_refused(tmp_path, damage):
+def test_fp32_file_is_its_tensors_plus_a_small_header(tmp_path):
+    model = build({})
+    tensor_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size = save_artifact(model, tmp_path / "w.acw")
+    assert tensor_bytes <= size <= tensor_bytes + 2048
+
+
+def test_sparse_low_bit_model_is_much_smaller_than_fp32(tmp_path):
+    fp32 = save_artifact(build({}), tmp_path / "a.acw")
+    small = save_artifact(build(dict(sparsity=0.9, bits=4)), tmp_path / "b.acw")
+    # per weight: 1 map bit + 10 % × 4 code bits = 1.4 bits against 32, about 23× smaller
+    assert small < fp32 / 15
+
+
+def test_negative_zero_survives_the_sparse_layout(tmp_path):
+    model = nn.Sequential(nn.Linear(100, 40))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[0, :3] = torch.tensor([-0.0, 1.5, -0.0])
+    save_artifact(model, tmp_path / "w.acw")
+    loaded = load_artifact(tmp_path / "w.acw", lambda: nn.Sequential(nn.Linear(100, 40)))
+    assert read_header(tmp_path / "w.acw")["tensors"][0]["layout"] == "sparse"
+    assert torch.equal(torch.signbit(loaded[0].weight), torch.signbit(model[0].weight))
+
+
+def test_unfolded_batchnorm_and_its_counter_are_restored(tmp_path):
+    model = random_model(mlp_bn)
+    model[2].num_batches_tracked.fill_(7)
+    save_artifact(model, tmp_path / "w.acw")
+    loaded = load_artifact(tmp_path / "w.acw", mlp_bn)
+    assert isinstance(loaded[2], nn.BatchNorm1d) and int(loaded[2].num_batches_tracked) == 7
+
+
+@pytest.mark.parametrize("damage", ["truncate", "truncate-header", "magic", "version", "extra", "foreign"])
+def test_damaged_or_foreign_files_are_refused(tmp_path, damage):
     path = tmp_path / "w.acw"
-    save_artifact(build("lenet300", dict(bits=4)), path)
+    save_artifact(build(dict(bits=4)), path)
     data = path.read_bytes()
-    data = {"truncate": data[:-10], "magic": b"XXXX" + data[4:], "extra": data + b"\0"}[damage]
+    data = {
+        "truncate": data[:-10],
+        "truncate-header": data[:20],
+        "magic": b"XXXX" + data[4:],
+        "version": MAGIC + (99).to_bytes(2, "little") + data[6:],
+        "extra": data + b"\0",
+        "foreign": b"PK\x03\x04" + bytes(200),
+    }[damage]
     path.write_bytes(data)
-    with pytest.raises(ValueError):
-        load_artifact(path, MODELS["lenet300"])
+    with pytest.raises(ValueError, match=str(path)):
+        load_artifact(path, lenet5)
+
+
+def test_a_factory_that_does_not_fit_is_refused(tmp_path):
+    save_artifact(build({}), tmp_path / "w.acw")
+    with pytest.raises(ValueError, match="does not fit the factory"):
+        load_artifact(tmp_path / "w.acw", mlp_bn)

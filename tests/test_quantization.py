@@ -1,105 +1,339 @@
+import copy
 
-
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from strategies.base import CompressionError
+from strategies.base import CompressionError, Context
 from strategies.fold import fold_batchnorm_
-from strategies.quantization import WEIGHT_BITS, Quantization, QuantizationConfig, quantized_layers
-from strategies.unstructured import prune_weights_
-from tests.helpers import MODELS, context, trained_like
+from strategies.quantization import (
+    WEIGHT_BITS,
+    Quantization,
+    QuantizationConfig,
+    QuantizationError,
+    distinct_codes_per_channel,
+    quantized_layers,
+    set_input_quantization_,
+)
+
+LOW_BITS = [b for b in WEIGHT_BITS if b < 32]
 
 
-@pytest.mark.parametrize("bits", [b for b in WEIGHT_BITS if b < 32])
-def test_b_bit_weights_take_at_most_2_to_the_b_values_per_channel(bits):
-    model = Quantization().apply(trained_like(MODELS["lenet5"]), QuantizationConfig(bits, 32), context())
-    for name, layer in quantized_layers(model):
-        for channel in layer.weight.detach().flatten(1):
-            assert len(torch.unique(channel)) <= 2**bits, name
-        # the weights are exactly codes * scale with integer codes in range
-        codes = layer.weight.detach() / layer.weight_scale.view(-1, *([1] * (layer.weight.dim() - 1)))
-        assert torch.allclose(codes, codes.round(), atol=1e-4)
-        assert codes.abs().max() <= 2 ** (bits - 1) - 1 + 1e-4
+# ------------------------------------------------------------------ shared builders
 
 
-def test_pruned_zeros_stay_zero_after_quantization():
-    model = prune_weights_(trained_like(MODELS["lenet300"]), 0.8)
-    zeros = {n: (m.weight == 0).clone() for n, m in quantized_layers(model)}
-    Quantization().apply(model, QuantizationConfig(3, 32), context())
-    for name, layer in quantized_layers(model):
-        assert bool((layer.weight[zeros[name]] == 0).all())
+def lenet5(c1=20, c2=50, hidden=500):
+    """LeNet-5 with BatchNorm; smaller sizes stand in for a structurally pruned one."""
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 5), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(c2 * 16, hidden), nn.ReLU(), nn.Linear(hidden, 10),
+    )  # fmt: skip
 
 
-def test_batchnorm_folding_keeps_outputs():
-    model = trained_like(MODELS["lenet5"])
-    x = torch.randn(16, 1, 28, 28)
+def mlp_bn():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def random_model(factory=lenet5, seed=0, **sizes):
+    """Random weights and BatchNorm statistics that are far from the identity, in eval mode."""
+    torch.manual_seed(seed)
+    model = factory(**sizes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.2, 3.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def prune_(model, sparsity):
+    """Zero the smallest-|w| fraction of every Conv/Linear weight."""
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            w = layer.weight
+            k = int(sparsity * w.numel())
+            threshold = w.abs().flatten().kthvalue(k).values
+            w.mul_(w.abs() > threshold)
+    return model
+
+
+def make_context(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return Context(example_inputs=x[:1], finetune_x=x, finetune_y=y, calibration_x=x, batch_size=16)
+
+
+def inputs(n=32, seed=1):
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def quantize(model, bits, activations=32):
+    return Quantization().apply(model, QuantizationConfig(bits, activations), make_context())
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "field, value, valid",
+    [
+        ("weight_bits", 7, "[2, 3, 4, 5, 6, 8, 32]"),
+        ("weight_bits", True, "[2, 3, 4, 5, 6, 8, 32]"),
+        ("weight_bits", 4.0, "[2, 3, 4, 5, 6, 8, 32]"),
+        ("activation_bits", 4, "[8, 32]"),
+    ],
+)
+def test_config_errors_name_the_field_and_choices(field, value, valid):
+    with pytest.raises(ValueError, match=rf"quantization.{field} must be one of \{valid}, got {value!r}"):
+        QuantizationConfig(**{field: value})
+
+
+def test_config_round_trips_through_a_dict():
+    config = QuantizationConfig(4, 8)
+    assert QuantizationConfig.from_dict(config.to_dict()) == config
+
+
+class FakeTrial:
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def suggest_categorical(self, name, choices):
+        assert self.answers[name] in choices
+        self.asked.append(name)
+        return self.answers[name]
+
+
+@pytest.mark.parametrize("bits, asks_activations", [(32, False), (4, True)])
+def test_activation_bits_are_only_suggested_with_quantized_weights(bits, asks_activations):
+    trial = FakeTrial({"quantization.weight_bits": bits, "quantization.activation_bits": 8})
+    config = Quantization().suggest(trial)
+    assert ("quantization.activation_bits" in trial.asked) == asks_activations
+    assert config == QuantizationConfig(bits, 8 if asks_activations else 32)
+
+
+def test_is_active_unless_everything_is_32_bit():
+    q = Quantization()
+    assert not q.is_active(QuantizationConfig(32, 32))
+    assert q.is_active(QuantizationConfig(4, 32)) and q.is_active(QuantizationConfig(32, 8))
+
+
+# -------------------------------------------------------------------------- folding
+
+
+@pytest.mark.parametrize("factory, expected", [(lenet5, ["1", "5"]), (mlp_bn, ["2"])])
+def test_batchnorm_folding_keeps_outputs_and_names(factory, expected):
+    model = random_model(factory)
+    x = inputs()
+    kept = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
         before = model(x)
         folded = fold_batchnorm_(model)
         after = model(x)
-    assert folded == ["1", "5"]
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    assert torch.allclose(before, after, atol=1e-4)
+    assert folded == expected
+    assert type(model) is nn.Sequential
+    assert all(isinstance(model.get_submodule(n), nn.Identity) for n in folded)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))] == kept
+    assert before.abs().max() > 0.1  # the comparison below is not between near-zeros
+    assert torch.allclose(before, after, rtol=0, atol=1e-5)
 
 
-def test_int8_activations_are_calibrated_and_fake_quantized():
-    ctx = context(n=128)
-    model = Quantization().apply(trained_like(MODELS["lenet5"]), QuantizationConfig(8, 8), ctx)
-    layers = list(quantized_layers(model))
-    assert all(0 < float(m.input_scale) and 0 <= int(m.input_zero_point) <= 255 for _, m in layers)
-    # the first layer's input really is on the uint8 grid
-    seen = []
-    layers[0][1].register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    model(ctx.calibration_x[:4])
-    first = layers[0][1]
-    steps = (seen[0] / first.input_scale) + first.input_zero_point
-    assert torch.allclose(steps, steps.round(), atol=1e-3)
+class Branchy(nn.Module):
+    """A conv feeding two consumers and a BN after a ReLU: nothing may be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu, self.bn2 = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y + self.bn2(self.relu(y))
 
 
-@pytest.mark.parametrize("field, value, valid", [("weight_bits", 7, "[2, 3, 4, 5, 6, 8, 32]"), ("activation_bits", 4, "[8, 32]")])
-def test_config_errors_name_the_field(field, value, valid):
-    with pytest.raises(ValueError, match=rf"quantization.{field} must be one of \{valid}"):
-        QuantizationConfig(**{field: value})
+def test_batchnorm_without_a_sole_conv_producer_is_not_folded():
+    model = random_model(Branchy)
+    x = inputs(4)
+    before = model(x)
+    assert fold_batchnorm_(model) == []
+    assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.bn2, nn.BatchNorm2d)
+    assert torch.equal(before, model(x))
+
+
+class DataDependent(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(784, 10), norm
+
+    def forward(self, x):
+        x = self.fc(x.flatten(1))
+        return self.norm(x) if x.sum() > 0 else x
+
+
+def test_untraceable_models_fold_only_when_they_have_batchnorm():
+    # no BatchNorm: nothing to trace for, quantization goes ahead
+    model = quantize(random_model(DataDependent, norm=nn.Identity()), 4)
+    assert max(distinct_codes_per_channel(model.fc)) <= 16
+    with pytest.raises(CompressionError, match="cannot trace the model to fold BatchNorm"):
+        fold_batchnorm_(random_model(DataDependent, norm=nn.BatchNorm1d(10)))
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("bits", LOW_BITS)
+def test_b_bit_weights_are_integer_codes_times_a_channel_scale(bits):
+    model = quantize(random_model(), bits)
+    q = 2 ** (bits - 1) - 1
+    for name, layer in quantized_layers(model):
+        assert max(distinct_codes_per_channel(layer)) <= 2**bits, name
+        scale = layer.weight_scale.view(-1, *([1] * (layer.weight.dim() - 1)))
+        codes = torch.round(layer.weight.detach() / scale)
+        assert torch.equal(codes * scale, layer.weight.detach())  # exactly codes * scale
+        assert int(codes.abs().max()) == q  # the largest weight of a channel maps to qmax
+        assert int(layer.weight_bits) == bits and layer.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bits", LOW_BITS)
+def test_pruned_zeros_stay_zero_and_zero_channels_are_safe(bits):
+    model = prune_(random_model(mlp_bn), 0.8)
+    with torch.no_grad():
+        model[4].weight[3] = 0  # an all-zero output channel
+    zeros = {name: (layer.weight == 0).clone() for name, layer in quantized_layers(model)}
+    quantize(model, bits)
+    for name, layer in quantized_layers(model):
+        assert bool((layer.weight[zeros[name]] == 0).all()), name
+        assert torch.isfinite(layer.weight_scale).all()
+    assert bool((model[4].weight[3] == 0).all())
 
 
 def test_non_finite_weights_are_a_compression_error():
-    model = trained_like(MODELS["lenet300"])
+    model = random_model(mlp_bn)
     with torch.no_grad():
-        model[1].weight[0, 0] = float("nan")
-    with pytest.raises(CompressionError, match="non-finite weights in layer 1"):
-        Quantization().apply(model, QuantizationConfig(4, 32), context())
+        model[4].weight[0, 0] = float("inf")
+    with pytest.raises(QuantizationError, match="non-finite weights in layer 4"):
+        quantize(model, 4)
+    assert issubclass(QuantizationError, CompressionError)
 
 
-def test_training_simulation_uses_ste_and_restores_float_weights():
-    model = trained_like(MODELS["lenet300"])
-    original = model[1].weight
-    float_weights = original.detach().clone()
-    simulate = Quantization.training_simulation(QuantizationConfig(2, 32))
-    x = torch.randn(8, 1, 28, 28)
-    with simulate(model):
-        seen = model[1].weight.detach()
-        assert all(len(torch.unique(row)) <= 4 for row in seen)  # forward sees 2-bit weights
-        model(x).sum().backward()
-    assert model[1].weight is original  # the same Parameter object the optimizer holds
-    assert torch.equal(model[1].weight.detach(), float_weights)
-    assert original.grad is not None and original.grad.abs().sum() > 0  # straight-through gradient
+def test_quantization_survives_deepcopy_and_state_dict_round_trip():
+    model = quantize(random_model(), 3, 8)
+    x = inputs()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))
+        reloaded = quantize(random_model(seed=5), 3, 8)  # same structure, other values
+        reloaded.load_state_dict(model.state_dict())
+        assert torch.equal(reloaded(x), model(x))
 
 
-def test_suggest_is_conditional_on_weight_bits():
-    import optuna
-
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    strategy = Quantization({"quantization.weight_bits": [4, 32]})
-    seen = set()
-    for _ in range(20):
-        trial = study.ask()
-        config = strategy.suggest(trial)
-        seen.add(config.weight_bits)
-        assert ("quantization.activation_bits" in trial.params) == (config.weight_bits < 32)
-        study.tell(trial, 0.0)
-    assert seen == {4, 32}
+# ------------------------------------------------------------------------ activations
 
 
-def test_nothing_to_do_is_inactive():
-    assert not Quantization().is_active(QuantizationConfig(32, 32))
+def test_int8_activations_are_calibrated_and_fake_quantized():
+    ctx = make_context(n=96)
+    model = Quantization().apply(random_model(), QuantizationConfig(8, 8), ctx)
+    layers = dict(quantized_layers(model))
+    seen = {}
+    for name, layer in layers.items():
+        layer.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
+    with torch.no_grad():
+        model(ctx.calibration_x[:8])
+    for name, layer in layers.items():
+        scale, zero = float(layer.input_scale), int(layer.input_zero_point)
+        assert scale > 0 and 0 <= zero <= 255
+        steps = seen[name] / scale + zero  # what the layer receives lies on the uint8 grid
+        assert torch.allclose(steps, steps.round(), atol=1e-3), name
+        assert float(steps.min()) >= -1e-3 and float(steps.max()) <= 255 + 1e-3
+    # the network input has negative values, and they are representable
+    assert 0 < int(layers["0"].input_zero_point) < 255
+    assert int(layers["9"].input_zero_point) == 0  # after ReLU the range starts at zero
+
+
+def test_recalibrating_does_not_stack_fake_quant_hooks():
+    layer = nn.Linear(4, 2)
+    set_input_quantization_(layer, 0.1, 3)
+    set_input_quantization_(layer, 0.2, 5)
+    assert len(layer._forward_pre_hooks) == 1 and float(layer.input_scale) == pytest.approx(0.2)
+
+
+def test_activation_quantization_needs_calibration_data():
+    ctx = make_context()
+    ctx.calibration_x = ctx.calibration_x[:0]
+    with pytest.raises(QuantizationError, match="calibration data"):
+        Quantization().apply(random_model(), QuantizationConfig(8, 8), ctx)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("bits, activations", [(4, 32), (8, 8), (3, 8), (2, 8)])
+def test_quantized_model_exports_to_onnx_and_runs_the_same(tmp_path, bits, activations):
+    import onnx
+    import onnxruntime as ort
+
+    model = quantize(random_model(), bits, activations)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(
+        model, (inputs(1),), str(path), dynamo=False, opset_version=17,
+        input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )  # fmt: skip
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("QuantizeLinear") == (4 if activations == 8 else 0)  # one per layer input
+    # Graph optimisations off: this checks the exported graph computes what torch computes.
+    # Optimised, ORT would re-quantize the float weights behind quantized inputs with codes
+    # of its own; the runtime writes the trial's codes into the graph for that.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = inputs(256, seed=2)
+    expected = model(x).detach()
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    assert got.shape == expected.shape
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert torch.allclose(got, expected, rtol=0, atol=1e-2 * float(expected.abs().max()))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_training_simulation_uses_ste_gradients_and_restores_float_weights():
+    model = prune_(random_model(mlp_bn), 0.5)
+    originals = {name: layer.weight for name, layer in quantized_layers(model)}
+    floats = {name: w.detach().clone() for name, w in originals.items()}
+    x = inputs(16)
+    with Quantization.training_simulation(QuantizationConfig(2, 32))(model):
+        for name, layer in quantized_layers(model):
+            seen = layer.weight.detach()
+            assert max(distinct_codes_per_channel(layer)) <= 4  # the forward sees 2-bit weights
+            assert bool((seen[floats[name] == 0] == 0).all())  # pruned stay pruned under q
+        model(x).square().mean().backward()
+
+    # the reference: the same forward with the quantized weights as ordinary leaves
+    reference = copy.deepcopy(model)
+    with Quantization.training_simulation(QuantizationConfig(2, 32))(reference):
+        fixed = {name: layer.weight.detach().clone() for name, layer in quantized_layers(reference)}
+    for name, layer in quantized_layers(reference):
+        layer.weight = nn.Parameter(fixed[name])
+    reference(x).square().mean().backward()
+
+    for name, layer in quantized_layers(model):
+        assert layer.weight is originals[name]  # the Parameter the optimizer holds
+        assert torch.equal(layer.weight.detach(), floats[name])  # float weights, not quantized
+        assert not hasattr(layer, "parametrizations")
+        ref_grad = reference.get_submodule(name).weight.grad
+        assert layer.weight.grad.abs().sum() > 0
+        assert torch.allclose(layer.weight.grad, ref_grad, atol=1e-6)  # straight through q
+
+
+def test_training_simulation_at_32_bits_changes_nothing():
+    model = random_model(mlp_bn)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with Quantization.training_simulation(QuantizationConfig(32, 32))(model):
+        assert not any(hasattr(layer, "parametrizations") for _, layer in quantized_layers(model))
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
