@@ -114,6 +114,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from search.bench import EXPERIMENTS, run_bench
+
+    unknown = [m for m in args.models if m not in EXPERIMENTS]
+    if unknown:
+        raise _usage(f"--models must be drawn from {sorted(EXPERIMENTS)}, got {unknown[0]!r}")
+    if args.n_trials < 1:
+        raise _usage(f"--n-trials must be >= 1, got {args.n_trials}")
+    started = time.perf_counter()
+    out = Path(args.out)
+    run_bench(out, args.models, args.n_trials, Path(args.experiments_dir), args.set or [], progress=logger.info)
+    print((out / "bench.md").read_text())
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'} ({time.perf_counter() - started:.0f}s)")
+    return EXIT_OK
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from search.tracking import sqlite_uri
 
@@ -158,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trial", type=int, required=True, help="the trial number (see the Pareto table)")
     export.add_argument("--out", required=True, help="a new directory for model.onnx, weights.acw and model.json")
     export.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="single techniques against the joint search, per model")
+    bench.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
+    bench.add_argument("--n-trials", type=int, default=30, help="trials per study (4 studies per model)")
+    bench.add_argument("--out", default="runs/bench")
+    bench.add_argument("--experiments-dir", default=str(Path(__file__).resolve().parent.parent / "experiments"))
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the base experiments' config")
+    bench.set_defaults(func=cmd_bench)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on a run directory's store")
     ui.add_argument("--run-dir", required=True)

@@ -37,7 +37,9 @@ def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
     study = open_study(run_dir, config)
     complete = {t.number: t for t in study.trials if t.state == TrialState.COMPLETE}
     if trial_number not in complete:
-        raise ConfigError(f"--trial must be a COMPLETE trial of this study, one of {sorted(complete)}; got {trial_number}")
+        raise ConfigError(
+            f"--trial must be a COMPLETE trial of this study, one of {sorted(complete)}; got {trial_number}"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not an empty directory; choose a new one")
     trial = complete[trial_number]
@@ -52,7 +54,9 @@ def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
         "trial": trial_number,
         "model": config.workload.model,
         "params": trial.params,
-        "metrics": {k: v for k, v in trial.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "metrics": {
+            k: v for k, v in trial.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        },
         "finalist": _finalist_figures(run_dir, trial_number),
         "config": config.identity(),
     }
@@ -78,5 +82,7 @@ def load_package(path: Path) -> nn.Module:
     path = Path(path)
     spec = json.loads((path / SPEC_NAME).read_text())
     if spec.get("package_version") != PACKAGE_VERSION:
-        raise ValueError(f"{path} is package version {spec.get('package_version')}, this reader knows {PACKAGE_VERSION}")
+        raise ValueError(
+            f"{path} is package version {spec.get('package_version')}, this reader knows {PACKAGE_VERSION}"
+        )
     return load_artifact(path / ARTIFACT_NAME, model_factory(spec["model"]))

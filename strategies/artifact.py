@@ -9,7 +9,7 @@ The JSON header holds:
 - ``tensors``: every state-dict tensor in order, as ``{name, shape, dtype, encoding, layout,
   offset, length}`` (+ ``bits`` for codes); offset/length index the payload.
 - ``identity``: modules that are nn.Identity in the saved model (the folded BatchNorms).
-- ``conv_groups``: each Conv2d's groups, which structured pruning may change.
+- ``conv_groups``: each convolution's groups, which structured pruning may change.
 
 Encodings:
 
@@ -40,8 +40,8 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ def encode_model(model: nn.Module) -> bytes:
         if attr == "weight" and hasattr(module, "weight_bits"):
             bits = int(module.weight_bits)
             codes = weight_codes(tensor, module.weight_scale, bits).numpy().ravel()
-            layout, data = _pack(codes, lambda v: pack_codes(v, bits))
+            layout, data = _pack(codes, lambda v, b=bits: pack_codes(v, b))
             entry.update(encoding="codes", bits=bits)
         else:
             layout, data = _pack(tensor.numpy().ravel(), lambda v: v.tobytes())
@@ -117,7 +117,7 @@ def encode_model(model: nn.Module) -> bytes:
     header = {
         "tensors": entries,
         "identity": [name for name, m in modules.items() if name and isinstance(m, nn.Identity)],
-        "conv_groups": {name: m.groups for name, m in modules.items() if isinstance(m, nn.Conv2d)},
+        "conv_groups": {name: m.groups for name, m in modules.items() if isinstance(m, nn.modules.conv._ConvNd)},
     }
     packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     return _PREFIX.pack(MAGIC, VERSION, len(packed)) + packed + b"".join(chunks)
@@ -161,7 +161,7 @@ def _parse(data: bytes, path: Path) -> tuple[dict, memoryview]:
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path} has a malformed header: {type(error).__name__}: {error}") from None
     if len(payload) != expected:
-        raise ValueError(f"{path} is truncated or has trailing bytes: payload {len(payload)} bytes, expected {expected}")
+        raise ValueError(f"{path} is truncated or has trailing bytes: {len(payload)} payload bytes, not {expected}")
     return header, payload
 
 
@@ -171,26 +171,31 @@ def read_header(path: str | Path) -> dict:
     return _parse(path.read_bytes(), path)[0]
 
 
+def _stored_bytes(entry: dict, n: int) -> int:
+    if entry["encoding"] == "codes":
+        return (n * entry["bits"] + 7) // 8
+    return n * np.dtype(entry["dtype"]).itemsize
+
+
+def _values(entry: dict, data: bytes, n: int) -> np.ndarray:
+    if entry["encoding"] == "codes":
+        return unpack_codes(data, n, entry["bits"])
+    return np.frombuffer(data, dtype=np.dtype(entry["dtype"]), count=n).copy()
+
+
 def _decode(entry: dict, blob: bytes) -> np.ndarray:
     count = math.prod(entry["shape"])
-    if entry["encoding"] == "codes":
-        bits = entry["bits"]
-        dtype, size = np.dtype(np.int32), lambda n: (n * bits + 7) // 8
-        decode = lambda data, n: unpack_codes(data, n, bits)  # noqa: E731
-    else:
-        dtype = np.dtype(entry["dtype"])
-        size = lambda n: n * dtype.itemsize  # noqa: E731
-        decode = lambda data, n: np.frombuffer(data, dtype=dtype, count=n).copy()  # noqa: E731
     if entry["layout"] == "dense":
         mask_bytes, present = 0, np.ones(count, dtype=bool)
     else:
         mask_bytes = (count + 7) // 8
         present = np.unpackbits(np.frombuffer(blob[:mask_bytes], dtype=np.uint8), count=count).astype(bool)
-    stored = int(present.sum())
-    if len(blob) != mask_bytes + size(stored):
-        raise ValueError(f"tensor {entry['name']} has {len(blob)} bytes, expected {mask_bytes + size(stored)}")
-    values = np.zeros(count, dtype=dtype)
-    values[present] = decode(blob[mask_bytes:], stored)
+    n = int(present.sum())
+    expected = mask_bytes + _stored_bytes(entry, n)
+    if len(blob) != expected:
+        raise ValueError(f"tensor {entry['name']} has {len(blob)} bytes, expected {expected}")
+    values = np.zeros(count, dtype=np.int32 if entry["encoding"] == "codes" else np.dtype(entry["dtype"]))
+    values[present] = _values(entry, blob[mask_bytes:], n)
     return values.reshape(entry["shape"])
 
 
@@ -207,9 +212,11 @@ def _set_tensor_(module: nn.Module, attr: str, value: torch.Tensor) -> None:
 
 def _fix_sizes_(module: nn.Module, groups: int | None) -> None:
     """Make a resized layer's size attributes agree with its tensors (they drive repr and export)."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.modules.conv._ConvNd):
         module.groups = groups if groups is not None else module.groups
-        module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+        first, second = module.weight.shape[0], module.weight.shape[1] * module.groups
+        # a transposed conv's weight is (in, out / groups, ...), a plain one's (out, in / groups, ...)
+        module.in_channels, module.out_channels = (first, second) if module.transposed else (second, first)
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
@@ -231,7 +238,10 @@ def load_artifact(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Modu
         values = {}
         for entry in header["tensors"]:
             blob = bytes(payload[entry["offset"] : entry["offset"] + entry["length"]])
-            values[entry["name"]] = torch.from_numpy(_decode(entry, blob))
+            try:
+                values[entry["name"]] = torch.from_numpy(_decode(entry, blob))
+            except ValueError as error:
+                raise ValueError(f"{path} is corrupt: {error}") from None
         for entry in header["tensors"]:
             layer, _, attr = entry["name"].rpartition(".")
             module, value = modules[layer], values[entry["name"]]
@@ -254,4 +264,4 @@ def load_artifact(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Modu
     return model.eval()
 
 
-__all__ = ["MAGIC", "VERSION", "encode_model", "load_artifact", "pack_codes", "read_header", "save_artifact", "unpack_codes"]
+__all__ = ["MAGIC", "VERSION", "encode_model", "load_artifact", "read_header", "save_artifact"]

@@ -11,16 +11,16 @@ from strategies.quantization import quantized_layers
 from tests.test_quantization import inputs, lenet5, mlp_bn, prune_, quantize, random_model
 
 # channel-reduced sizes stand in for structured pruning; the factory always builds full size
-REDUCED = dict(c1=12, c2=30, hidden=200)
+REDUCED = {"c1": 12, "c2": 30, "hidden": 200}
 
 CASES = {
     "fp32": {},
-    **{f"{b}-bit": dict(bits=b) for b in (2, 3, 4, 5, 6, 8)},
-    "sparse90": dict(sparsity=0.9),
-    "int8-activations": dict(bits=8, activations=8),
-    "activations-only": dict(bits=32, activations=8),
-    "reduced": dict(sizes=REDUCED),
-    "reduced-sparse-3bit-int8": dict(sizes=REDUCED, sparsity=0.8, bits=3, activations=8),
+    **{f"{b}-bit": {"bits": b} for b in (2, 3, 4, 5, 6, 8)},
+    "sparse90": {"sparsity": 0.9},
+    "int8-activations": {"bits": 8, "activations": 8},
+    "activations-only": {"bits": 32, "activations": 8},
+    "reduced": {"sizes": REDUCED},
+    "reduced-sparse-3bit-int8": {"sizes": REDUCED, "sparsity": 0.8, "bits": 3, "activations": 8},
 }
 
 
@@ -93,7 +93,7 @@ def test_bit_packing_uses_b_bits_per_code():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_tensor_table_stores_packed_codes_and_sparse_maps_at_their_true_size(tmp_path, bits):
-    dense, sparse = build(dict(bits=bits)), build(dict(bits=bits, sparsity=0.9))
+    dense, sparse = build({"bits": bits}), build({"bits": bits, "sparsity": 0.9})
     for model, layout in ((dense, "dense"), (sparse, "sparse")):
         save_artifact(model, tmp_path / "w.acw")
         table = {e["name"]: e for e in read_header(tmp_path / "w.acw")["tensors"]}
@@ -115,7 +115,7 @@ def test_fp32_file_is_its_tensors_plus_a_small_header(tmp_path):
 
 def test_sparse_low_bit_model_is_much_smaller_than_fp32(tmp_path):
     fp32 = save_artifact(build({}), tmp_path / "a.acw")
-    small = save_artifact(build(dict(sparsity=0.9, bits=4)), tmp_path / "b.acw")
+    small = save_artifact(build({"sparsity": 0.9, "bits": 4}), tmp_path / "b.acw")
     # per weight: 1 map bit + 10 % × 4 code bits = 1.4 bits against 32, about 23× smaller
     assert small < fp32 / 15
 
@@ -142,7 +142,7 @@ def test_unfolded_batchnorm_and_its_counter_are_restored(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "truncate-header", "magic", "version", "extra", "foreign"])
 def test_damaged_or_foreign_files_are_refused(tmp_path, damage):
     path = tmp_path / "w.acw"
-    save_artifact(build(dict(bits=4)), path)
+    save_artifact(build({"bits": 4}), path)
     data = path.read_bytes()
     data = {
         "truncate": data[:-10],
@@ -161,3 +161,17 @@ def test_a_factory_that_does_not_fit_is_refused(tmp_path):
     save_artifact(build({}), tmp_path / "w.acw")
     with pytest.raises(ValueError, match="does not fit the factory"):
         load_artifact(tmp_path / "w.acw", mlp_bn)
+
+
+def depthwise(channels=8):
+    return nn.Sequential(nn.Conv2d(1, channels, 3), nn.Conv2d(channels, channels, 3, groups=channels), nn.Flatten())
+
+
+def test_pruned_grouped_convolutions_get_their_stored_groups(tmp_path):
+    model = quantize(random_model(depthwise, channels=4), 4)
+    save_artifact(model, tmp_path / "w.acw")
+    loaded = load_artifact(tmp_path / "w.acw", depthwise)  # the factory builds 8 channels
+    assert (loaded[1].groups, loaded[1].in_channels, loaded[1].out_channels) == (4, 4, 4)
+    x = inputs(4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

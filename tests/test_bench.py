@@ -1,0 +1,41 @@
+import pytest
+
+from search.bench import TECHNIQUES, best_within, markdown, technique_config
+from search.config import load_config
+from search.study import validate
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("technique", sorted(TECHNIQUES))
+def test_each_technique_searches_only_its_own_parameters(technique):
+    base = load_config(ROOT / "experiments" / "fmnist_cnn.yaml")
+    config = technique_config(base, "lenet5", technique)
+    strategies, _ = validate(config)
+    names = {s.name for s in strategies}
+    expected = {
+        "pruning": {"structured_pruning", "unstructured_pruning", "distillation"},
+        "quantization": {"quantization", "distillation"},
+        "distillation": {"structured_pruning", "distillation"},
+        "joint": {"structured_pruning", "unstructured_pruning", "distillation", "quantization"},
+    }[technique]
+    assert names == expected
+    if technique in ("pruning", "quantization"):  # a plain fine-tune: no teacher term
+        assert config.search_space["distillation.alpha"] == 0.0
+    assert config.name == f"bench-lenet5-{technique}"
+
+
+def test_best_within_respects_the_accuracy_limit():
+    rows = [
+        {"trial": 0, "compression_ratio": 50.0, "test_accuracy": 0.80, "test_accuracy_drop": 0.10},
+        {"trial": 1, "compression_ratio": 20.0, "test_accuracy": 0.90, "test_accuracy_drop": 0.009},
+        {"trial": 2, "compression_ratio": 10.0, "test_accuracy": 0.91, "test_accuracy_drop": -0.001},
+    ]
+    best = best_within(rows, "compression_ratio")
+    assert best["trial"] == 1 and best["compression_ratio"] == 20.0
+    assert best_within(rows[:1], "compression_ratio") is None
+    table = markdown({"n_trials": 3, "models": {"lenet5": {
+        "baseline": {"size_bytes": 2048, "test_accuracy": 0.91, "latency_ms": 0.1, "latency_ms_b64": 5.0},
+        "deep_compression_ratio": 39.0,
+        "techniques": {"joint": {"best_ratio": best, "best_speedup_b1": None, "best_speedup_b64": None}},
+    }}})
+    assert "20.0x (trial 1, test acc -0.90 pt)" in table and "none within 1 pt" in table and "39x" in table
