@@ -23,8 +23,9 @@ Layouts, chosen per tensor by whichever is smaller:
 
 - ``dense``: every element.
 - ``sparse``: a 1-bit-per-element presence bitmap (np.packbits, MSB first) followed by only
-  the non-zero elements in the tensor's encoding. "Zero" is the all-zero bit pattern, so
-  -0.0 is kept.
+  the non-zero elements in the tensor's encoding. -0.0 counts as zero and reloads as +0.0,
+  which computes the same: pruning by multiplying with a mask leaves -0.0 behind for every
+  negative weight, and storing those would make half the pruned weights cost full price.
 
 The loader rebuilds the model from the workload's factory: folded BNs become nn.Identity,
 layers are resized to the stored shapes (structured pruning made them smaller), and the
@@ -75,8 +76,7 @@ def unpack_codes(data: bytes, count: int, bits: int) -> np.ndarray:
 
 
 def _present(values: np.ndarray) -> np.ndarray:
-    """Elements whose bit pattern is not all zero (keeps -0.0, which != 0 would drop)."""
-    return values.view(np.uint8).reshape(values.size, values.itemsize).any(axis=1)
+    return values != 0
 
 
 def _pack(values: np.ndarray, encode: Callable[[np.ndarray], bytes]) -> tuple[str, bytes]:

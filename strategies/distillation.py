@@ -113,7 +113,7 @@ def distill_(
                 schedule.step()
                 with torch.no_grad():
                     for weight, mask in masks:
-                        weight.mul_(mask)
+                        weight.masked_fill_(~mask, 0.0)
                 total += loss.item() * len(idx)
             history.append(total / len(x))
             report(f"distillation epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f}")

@@ -61,7 +61,7 @@ def prune_weights_(model: nn.Module, sparsity: float) -> nn.Module:
                 raise UnstructuredPruningError(
                     f"unstructured sparsity {sparsity} removes every weight of layer {name}, cutting the network"
                 )
-            weight.mul_(mask)
+            weight.masked_fill_(~mask, 0.0)  # +0.0, not the -0.0 that mul_ leaves
     return model
 
 
