@@ -136,7 +136,8 @@ def markdown(results: dict[str, Any]) -> str:
         for technique, t in entry["techniques"].items():
             lines.append(
                 f"| {model} | {technique} | {_cell(t['best_ratio'], 'compression_ratio')} | "
-                f"{_cell(t['best_speedup_b1'], 'final_speedup')} | {_cell(t['best_speedup_b64'], 'final_speedup_b64')} |"
+                f"{_cell(t['best_speedup_b1'], 'final_speedup')} | "
+                f"{_cell(t['best_speedup_b64'], 'final_speedup_b64')} |"
             )
         lines.append(f"| {model} | Deep Compression (MNIST, published) | {entry['deep_compression_ratio']:.0f}x | | |")
     return "\n".join(lines) + "\n"

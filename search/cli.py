@@ -93,9 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"study {config.name!r}: {n_complete} complete, {n_failed} failed, {len(result.pareto)} Pareto-optimal")
     print()
     if result.pareto:
-        print(
-            f"Pareto-optimal trials, rebuilt from their artifacts and timed again ({config.latency.final_repeats} runs):"
-        )
+        repeats = config.latency.final_repeats
+        print(f"Pareto-optimal trials, rebuilt from their artifacts and timed again ({repeats} runs):")
         print(format_table(result.pareto, FINAL_COLUMNS))
     else:
         print("no completed trials, so no Pareto front")

@@ -123,6 +123,19 @@ def open_study(run_dir: Path, config: Config) -> optuna.Study:
     return optuna.create_study(storage=storage, study_name=config.name, directions=directions, load_if_exists=True)
 
 
+def deploy(config: Config, workload: Workload, model: torch.nn.Module, out_dir: Path) -> Deployable:
+    """Pack, export and load `model` on the configured runtime."""
+    lat = config.latency
+    return materialize(
+        model,
+        out_dir,
+        runtime=lat.runtime,
+        threads=lat.threads,
+        example_inputs=workload.example_inputs,
+        save_artifact=save_artifact,
+    )
+
+
 def _batched(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
@@ -155,20 +168,8 @@ def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = log
     check_run_dir(config, run_dir)
     w = config.workload
     try:
-        workload = build_workload(
-            model=w.model,
-            dataset=w.dataset,
-            data_dir=w.data_dir,
-            val_size=w.val_size,
-            split_seed=w.split_seed,
-            train_subset=w.train_subset,
-            val_subset=w.val_subset,
-            test_subset=w.test_subset,
-            training=w.training,
-            checkpoint=w.checkpoint,
-            seed=config.seed,
-            progress=progress,
-        )
+        section = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
+        workload = build_workload(**section, seed=config.seed, progress=progress)
     except ValueError as error:  # bad import paths, checkpoints and the like: the user's input
         raise ConfigError(str(error)) from None
     # Everything is validated and the data is there: now the run directory may be written.
@@ -193,30 +194,18 @@ def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = log
         batch_size=s.batch_size,
         report=lambda message: logger.debug(message),
     )
-    lat = config.latency
     eval_context = EvalContext(
         val_x=workload.val.x,
         val_y=workload.val.y,
         example_inputs=workload.example_inputs,
         latency=LatencySettings(
-            batch_sizes=lat.batch_sizes,
-            threads=lat.threads,
-            warmup=lat.warmup,
-            repeats=lat.repeats,
-            max_spread=lat.max_spread,
+            **{f.name: getattr(config.latency, f.name) for f in dataclasses.fields(LatencySettings)}
         ),
     )
 
     # The baseline is measured in this process, so speedups are same-run ratios.
     progress("measuring the baseline")
-    deployable = materialize(
-        copy.deepcopy(teacher),
-        run_dir / "baseline",
-        runtime=lat.runtime,
-        threads=lat.threads,
-        example_inputs=workload.example_inputs,
-        save_artifact=save_artifact,
-    )
+    deployable = deploy(config, workload, copy.deepcopy(teacher), run_dir / "baseline")
     all_objectives = [get_objective(name)() for name in ("accuracy", "size_bytes", "latency_ms")]
     baseline = _measure(deployable, all_objectives, eval_context, workload.example_inputs)
     eval_context.reference_run = deployable.run  # every trial is timed interleaved with it
@@ -256,7 +245,6 @@ def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = log
 
 
 def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
-    lat = p.config.latency
 
     def run_trial(trial: optuna.Trial) -> tuple[float, ...]:
         started = time.perf_counter()
@@ -267,14 +255,7 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
         try:
             torch.manual_seed(p.config.seed + trial.number)
             model = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, configs, p.context)
-            deployable = materialize(
-                model,
-                p.run_dir / "trials" / f"{trial.number:04d}",
-                runtime=lat.runtime,
-                threads=lat.threads,
-                example_inputs=p.workload.example_inputs,
-                save_artifact=save_artifact,
-            )
+            deployable = deploy(p.config, p.workload, model, p.run_dir / "trials" / f"{trial.number:04d}")
             disagreement = 0.0
             if deployable.onnx_path is not None:
                 disagreement = check_agreement(deployable.predict, lambda x: _batched(model, x, 1000), p.workload.val.x)
@@ -382,14 +363,7 @@ def finalize(p: Prepared, pareto: list[dict[str, Any]]) -> dict[str, float]:
     for row in pareto:
         trial_dir = p.run_dir / "trials" / f"{row['trial']:04d}"
         model = load_artifact(trial_dir / ARTIFACT_NAME, p.workload.factory)
-        deployable = materialize(
-            model,
-            trial_dir / "final",
-            runtime=p.config.latency.runtime,
-            threads=p.config.latency.threads,
-            example_inputs=p.workload.example_inputs,
-            save_artifact=save_artifact,
-        )
+        deployable = deploy(p.config, p.workload, model, trial_dir / "final")
         figures = {
             "val_accuracy": top1_accuracy(deployable.predict, p.workload.val.x, p.workload.val.y),
             "test_accuracy": top1_accuracy(deployable.predict, test.x, test.y),

@@ -33,9 +33,16 @@ def test_best_within_respects_the_accuracy_limit():
     best = best_within(rows, "compression_ratio")
     assert best["trial"] == 1 and best["compression_ratio"] == 20.0
     assert best_within(rows[:1], "compression_ratio") is None
-    table = markdown({"n_trials": 3, "models": {"lenet5": {
-        "baseline": {"size_bytes": 2048, "test_accuracy": 0.91, "latency_ms": 0.1, "latency_ms_b64": 5.0},
-        "deep_compression_ratio": 39.0,
-        "techniques": {"joint": {"best_ratio": best, "best_speedup_b1": None, "best_speedup_b64": None}},
-    }}})
+    table = markdown(
+        {
+            "n_trials": 3,
+            "models": {
+                "lenet5": {
+                    "baseline": {"size_bytes": 2048, "test_accuracy": 0.91, "latency_ms": 0.1, "latency_ms_b64": 5.0},
+                    "deep_compression_ratio": 39.0,
+                    "techniques": {"joint": {"best_ratio": best, "best_speedup_b1": None, "best_speedup_b64": None}},
+                }
+            },
+        }
+    )
     assert "20.0x (trial 1, test acc -0.90 pt)" in table and "none within 1 pt" in table and "39x" in table

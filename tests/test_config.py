@@ -18,7 +18,12 @@ def test_shipped_configs_load_and_validate(name):
     strategies, objectives = validate(config)
     assert config.name == name
     assert [o.name for o in objectives] == list(config.search.objectives)
-    assert {s.name for s in strategies} == {"structured_pruning", "unstructured_pruning", "quantization", "distillation"}
+    assert {s.name for s in strategies} == {
+        "structured_pruning",
+        "unstructured_pruning",
+        "quantization",
+        "distillation",
+    }
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,11 @@ def test_other_params_are_conditional_on_epochs():
 
 
 def test_context_without_teacher_is_refused():
-    ctx = Context(example_inputs=torch.zeros(1, 1, 28, 28), finetune_x=torch.zeros(4, 1, 28, 28),
-                  finetune_y=torch.zeros(4, dtype=torch.long), calibration_x=torch.zeros(4, 1, 28, 28))
+    ctx = Context(
+        example_inputs=torch.zeros(1, 1, 28, 28),
+        finetune_x=torch.zeros(4, 1, 28, 28),
+        finetune_y=torch.zeros(4, dtype=torch.long),
+        calibration_x=torch.zeros(4, 1, 28, 28),
+    )
     with pytest.raises(CompressionError, match="teacher"):
         Distillation().apply(MODELS["lenet300"](), DistillationConfig(1), ctx)

@@ -76,8 +76,13 @@ def tiny_dataset(data_dir):
 
 
 def test_baseline_is_cached_and_not_retrained(tmp_path, monkeypatch):
-    kwargs = dict(model="lenet300", dataset="tests.test_experiments:tiny_dataset", val_size=100,
-                  training={"epochs": 3, "lr": 0.05, "batch_size": 32}, cache_dir=tmp_path)
+    kwargs = dict(
+        model="lenet300",
+        dataset="tests.test_experiments:tiny_dataset",
+        val_size=100,
+        training={"epochs": 3, "lr": 0.05, "batch_size": 32},
+        cache_dir=tmp_path,
+    )
     first = build_workload(**kwargs)
     cached = list((tmp_path / "baselines").glob("*.pt"))
     assert len(cached) == 1 and cached[0].stem == first.fingerprint

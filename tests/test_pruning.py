@@ -20,7 +20,9 @@ def test_structured_pruning_shrinks_params_and_macs_and_keeps_output_shape(name,
     assert pruned(torch.randn(5, 1, 28, 28)).shape == (5, 10)
     # the classifier keeps its 10 outputs; hidden layers really lost channels
     widths = [m.weight.shape[0] for m in pruned.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    originals = [m.weight.shape[0] for m in MODELS[name]().modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    originals = [
+        m.weight.shape[0] for m in MODELS[name]().modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     assert widths[-1] == 10 and all(w < o for w, o in zip(widths[:-1], originals[:-1]))
 
 

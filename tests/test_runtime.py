@@ -15,8 +15,9 @@ def test_materialized_runtime_matches_the_model(tmp_path, runtime):
     ctx = context()
     model = StructuredPruning().apply(trained_like(MODELS["lenet5"]), StructuredPruningConfig(0.5), ctx)
     before = torch.get_num_threads()
-    d = materialize(model, tmp_path, runtime=runtime, threads=1, example_inputs=ctx.example_inputs,
-                    save_artifact=save_artifact)
+    d = materialize(
+        model, tmp_path, runtime=runtime, threads=1, example_inputs=ctx.example_inputs, save_artifact=save_artifact
+    )
     assert d.size_bytes == (tmp_path / "weights.acw").stat().st_size
     for n in (1, 7):  # dynamic batch
         x = torch.randn(n, 1, 28, 28)
@@ -39,8 +40,13 @@ def test_weight_quantized_model_runs_the_same_in_onnxruntime(tmp_path):
 def test_unknown_runtime_and_export_failure(tmp_path):
     ctx = context()
     with pytest.raises(ValueError, match=r"latency.runtime must be one of \['onnxruntime', 'torch'\]"):
-        materialize(MODELS["lenet300"](), tmp_path, runtime="tvm", example_inputs=ctx.example_inputs,
-                    save_artifact=save_artifact)
+        materialize(
+            MODELS["lenet300"](),
+            tmp_path,
+            runtime="tvm",
+            example_inputs=ctx.example_inputs,
+            save_artifact=save_artifact,
+        )
 
     class NotExportable(torch.nn.Module):
         def forward(self, x):

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import optuna
-import torch
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -154,9 +154,18 @@ def hard_reshape_model():
 @needs_fashion_mnist
 def test_failing_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["run", SMOKE, "--n-trials", "2", "--run-dir", str(run_dir),
-            "--set", "workload.model=tests.test_search:hard_reshape_model",
-            "--set", "search_space={pruning.structured_ratio: [0.3, 0.5]}"]
+    args = [
+        "run",
+        SMOKE,
+        "--n-trials",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "workload.model=tests.test_search:hard_reshape_model",
+        "--set",
+        "search_space={pruning.structured_ratio: [0.3, 0.5]}",
+    ]
     assert main(args) == 0
     study = load_study(run_dir)
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
@@ -188,8 +197,11 @@ def test_console_script_exit_codes(tmp_path):
     import sys
 
     exe = shutil.which("autocompress") or str(Path(sys.executable).parent / "autocompress")
-    bad = subprocess.run([exe, "run", SMOKE, "--set", "search.sampler=annealing", "--run-dir", str(tmp_path)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [exe, "run", SMOKE, "--set", "search.sampler=annealing", "--run-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "search.sampler must be one of" in bad.stderr
     usage = subprocess.run([exe, "run"], capture_output=True, text=True)
     assert usage.returncode == 2 and "config" in usage.stderr
