@@ -33,7 +33,8 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.DEBUG if verbose else optuna.logging.WARNING)
+    # ERROR, not WARNING: a failed trial is already reported on one line with its reason.
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if verbose else optuna.logging.ERROR)
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     if not verbose:
