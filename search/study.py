@@ -299,7 +299,12 @@ def _noisy(metrics: dict[str, float], max_spread: float) -> bool:
 
 
 def finished_trials(study: optuna.Study) -> int:
-    return sum(t.state in FINISHED for t in study.trials)
+    """Trials that count toward the study's target: every evaluated candidate, failed ones
+    included (a candidate that cannot be built is a result), but not interrupted ones."""
+    return sum(
+        t.state in FINISHED or (t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != "interrupted")
+        for t in study.trials
+    )
 
 
 def run_search(

@@ -178,6 +178,9 @@ def test_failing_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path)
         assert child.data.tags["state"] == "FAIL"
         assert "StructuredPruningError" in child.data.tags["fail_reason"]
     assert parents[0].info.status == "FINISHED"
+    # failed candidates are results: the same command finds the target met and adds nothing
+    assert main(args) == 0
+    assert len(load_study(run_dir).trials) == 2
 
 
 def test_unexpected_errors_exit_1(tmp_path, monkeypatch, capsys):
