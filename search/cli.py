@@ -130,6 +130,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from search.verify import verify_speedups
+
+    rows = verify_speedups(Path(args.run_dir), repeats=args.repeats)
+    print(f"{'trial':>5}  {'batch':>5}  {'recorded':>9}  {'alone':>9}  reproduced")
+    for r in rows:
+        print(
+            f"{r['trial']:>5}  {r['batch_size']:>5}  {r['recorded_speedup']:>8.2f}x  "
+            f"{r['standalone_speedup']:>8.2f}x  {'yes' if r['reproduced'] else 'NO'}"
+        )
+    failed = [r for r in rows if not r["reproduced"]]
+    print(f"{len(rows) - len(failed)} of {len(rows)} recorded speedups reproduced by the exported models alone")
+    return EXIT_ERROR if failed else EXIT_OK
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from search.tracking import sqlite_uri
 
@@ -182,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--experiments-dir", default=str(Path(__file__).resolve().parent.parent / "experiments"))
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the base experiments' config")
     bench.set_defaults(func=cmd_bench)
+
+    verify = sub.add_parser("verify", help="time every trial's exported ONNX model alone against its recorded speedup")
+    verify.add_argument("--run-dir", required=True)
+    verify.add_argument("--repeats", type=int, default=200)
+    verify.set_defaults(func=cmd_verify)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on a run directory's store")
     ui.add_argument("--run-dir", required=True)

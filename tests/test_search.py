@@ -94,6 +94,15 @@ def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
                 assert (runtime(val_x) - model(val_x)).abs().max() <= 1e-4
     assert main(["export", "--run-dir", str(run_dir), "--trial", "99", "--out", str(tmp_path / "x")]) == 2
 
+    # each recorded speedup is re-timed from the trial's exported ONNX file alone
+    from search.verify import verify_speedups
+
+    rows = verify_speedups(run_dir, repeats=10)
+    assert sorted(r["trial"] for r in rows) == sorted(int(c.data.tags["optuna.trial"]) for c in complete)
+    for r in rows:
+        recorded = next(c for c in complete if int(c.data.tags["optuna.trial"]) == r["trial"]).data.metrics["speedup"]
+        assert r["recorded_speedup"] == recorded and r["standalone_speedup"] > 0
+
     # the same command with a higher target adds exactly the difference, under the same parent
     assert main(["run", SMOKE, "--n-trials", "4", "--run-dir", str(run_dir)]) == 0
     assert len(load_study(run_dir).trials) == 4

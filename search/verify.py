@@ -1,0 +1,74 @@
+"""Check that every recorded speedup is reproduced by the trial's exported ONNX model alone.
+
+Each trial's `model.onnx` and the baseline's are loaded into fresh ONNX Runtime sessions,
+outside the search process, and timed interleaved. A trial whose recorded gain its file does
+not reproduce within the tolerance is reported: the search would have measured something
+other than what is deployed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from optuna.trial import TrialState
+
+from objectives.latency import latency_batch, time_interleaved
+from search.config import ConfigError, parse_config
+from search.study import CONFIG_FILE, open_study
+from strategies.runtime import ONNX_NAME, ort_session
+
+
+def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) -> list[dict[str, Any]]:
+    """One row per COMPLETE trial and batch size: recorded speedup, standalone speedup, verdict.
+
+    A recorded speedup counts as reproduced when the standalone one is within `tolerance`
+    (relative) of it, or within the larger of the two measurements' spreads.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(f"--run-dir {run_dir} holds no study (no {CONFIG_FILE}); run a search there first")
+    config = parse_config(json.loads((run_dir / CONFIG_FILE).read_text()))
+    lat = config.latency
+    baseline = ort_session(run_dir / "baseline" / ONNX_NAME, lat.threads)
+    example = torch.zeros(1, *_input_shape(baseline))
+    rows = []
+    for trial in open_study(run_dir, config).trials:
+        path = run_dir / "trials" / f"{trial.number:04d}" / ONNX_NAME
+        if trial.state != TrialState.COMPLETE or not path.exists():
+            continue
+        session = ort_session(path, lat.threads)
+        for index, batch_size in enumerate(lat.batch_sizes):
+            suffix = "" if index == 0 else f"_b{batch_size}"
+            recorded = trial.user_attrs.get(f"speedup{suffix}")
+            if recorded is None:
+                continue
+            batch = latency_batch(example, batch_size)
+            mine, base = time_interleaved(
+                [lambda b, s=session: s.run(None, {"input": b}), lambda b: baseline.run(None, {"input": b})],
+                batch,
+                lat.warmup,
+                repeats,
+            )
+            alone = base.median_ms / mine.median_ms
+            allowed = max(tolerance, mine.spread, base.spread, trial.user_attrs.get(f"latency_spread{suffix}", 0.0))
+            rows.append(
+                {
+                    "trial": trial.number,
+                    "batch_size": batch_size,
+                    "recorded_speedup": recorded,
+                    "standalone_speedup": alone,
+                    "reproduced": abs(math.log(alone / recorded)) <= math.log1p(allowed),
+                }
+            )
+    return rows
+
+
+def _input_shape(session: Any) -> list[int]:
+    shape = session.get_inputs()[0].shape[1:]
+    if not all(isinstance(d, int) for d in shape):
+        raise ValueError(f"the baseline's ONNX input has a dynamic per-sample shape {shape}")
+    return shape
