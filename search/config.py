@@ -45,6 +45,7 @@ class SearchSection:
     n_trials: int = 30
     objectives: tuple[str, ...] = OBJECTIVE_NAMES
     sampler: str = "tpe"
+    anchors: bool = True  # start a new study with each technique alone (see search/anchors.py)
     finetune_size: int = 10000
     calibration_size: int = 1000
     batch_size: int = 128

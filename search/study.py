@@ -29,6 +29,7 @@ from objectives.base import EvalContext, LatencySettings, Objective, ObjectiveEr
 from objectives.complexity import count_macs, count_params
 from objectives.latency import LatencyMs
 from objectives.registry import get_objective
+from search.anchors import enqueue_anchors
 from search.config import Config, ConfigError
 from search.tracking import Tracker, sqlite_uri
 from strategies import pipeline
@@ -212,6 +213,10 @@ def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = log
 
     tracker = Tracker(sqlite_uri(run_dir), config.name, artifact_dir=run_dir / "mlartifacts")
     study = open_study(run_dir, config)
+    if config.search.anchors:
+        enqueued = enqueue_anchors(study, strategies)
+        if enqueued:
+            progress(f"starting with the anchors: {', '.join(enqueued)}")
     study.sampler = make_sampler(config.search.sampler, config.seed + len(study.trials))
     parent_run_id = tracker.start_parent(study.user_attrs.get("mlflow_parent_run_id"), config.name)
     study.set_user_attr("mlflow_parent_run_id", parent_run_id)
@@ -249,7 +254,8 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
     def run_trial(trial: optuna.Trial) -> tuple[float, ...]:
         started = time.perf_counter()
         configs = pipeline.suggest(p.strategies, trial)
-        run_id = p.tracker.start_child(p.parent_run_id, f"trial-{trial.number}", {"optuna.trial": trial.number})
+        tags = {"optuna.trial": trial.number, **({"anchor": a} if (a := trial.user_attrs.get("anchor")) else {})}
+        run_id = p.tracker.start_child(p.parent_run_id, f"trial-{trial.number}", tags)
         trial.set_user_attr("mlflow_run_id", run_id)
         p.tracker.log(run_id, params=trial.params)
         try:
@@ -348,6 +354,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "pareto": t.number in front}
         row.update(t.params)
         row.update({k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        row["anchor"] = t.user_attrs.get("anchor", "")
         row["fail_reason"] = t.user_attrs.get("fail_reason", "")
         row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id", "")
         rows.append(row)

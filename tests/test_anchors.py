@@ -1,0 +1,46 @@
+import optuna
+
+from search.anchors import anchor_params, enqueue_anchors
+from strategies import pipeline
+
+
+def test_every_anchor_is_one_technique_alone_within_the_space():
+    strategies = pipeline.build_strategies(
+        {
+            "pruning.structured_ratio": [0.0, 0.75],
+            "pruning.unstructured_sparsity": [0.0, 0.95],
+            "quantization.weight_bits": [2, 4, 8, 32],
+            "distillation.epochs": [0, 2],
+        }
+    )
+    anchors = anchor_params(strategies)
+    assert list(anchors) == ["int8", "4-bit", "structured-50", "unstructured-80", "student-half"]
+    assert anchors["int8"] == {
+        "pruning.structured_ratio": 0.0,
+        "pruning.unstructured_sparsity": 0.0,
+        "quantization.weight_bits": 8,
+        "quantization.activation_bits": 8,
+        "distillation.epochs": 0,
+    }
+    assert anchors["student-half"]["distillation.epochs"] == 2  # the top of the range
+    assert anchors["student-half"]["quantization.weight_bits"] == 32
+
+
+def test_anchors_outside_the_space_are_skipped_and_off_values_left_to_the_sampler():
+    strategies = pipeline.build_strategies(
+        {"pruning.structured_ratio": [0.1, 0.4], "quantization.weight_bits": [4, 32]}
+    )
+    anchors = anchor_params(strategies)
+    assert set(anchors) == {"4-bit"}  # 8-bit, 50 % and the unconfigured techniques do not fit
+    assert "pruning.structured_ratio" not in anchors["4-bit"]  # 0 is outside [0.1, 0.4]
+
+
+def test_anchors_are_enqueued_once_into_a_new_study_only():
+    strategies = pipeline.build_strategies({"quantization.weight_bits": [4, 8, 32]})
+    study = optuna.create_study()
+    assert enqueue_anchors(study, strategies) == ["int8", "4-bit"]
+    trial = study.ask()
+    assert trial.user_attrs["anchor"] == "int8"
+    assert strategies[0].suggest(trial).weight_bits == 8
+    study.tell(trial, 0.0)
+    assert enqueue_anchors(study, strategies) == []
