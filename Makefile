@@ -5,7 +5,7 @@ VENV ?= .venv
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 
-.PHONY: setup data run test test-slow clean
+.PHONY: setup data run test clean
 
 setup: data $(VENV)/.installed
 
@@ -29,9 +29,6 @@ run: setup
 
 test: setup
 	$(VENV)/bin/pytest -q
-
-test-slow: setup
-	$(VENV)/bin/pytest -q -m slow
 
 clean:
 	rm -rf runs
