@@ -21,6 +21,11 @@ def load_study(run_dir):
     return optuna.load_study(study_name="smoke", storage=storage)
 
 
+def finished(run_dir):
+    """The study's evaluated trials (anchors not reached yet wait in the queue)."""
+    return [t for t in load_study(run_dir).trials if t.state.is_finished()]
+
+
 def runs_of(run_dir):
     client = MlflowClient(sqlite_uri(run_dir))
     experiment = client.get_experiment_by_name("smoke")
@@ -38,8 +43,10 @@ def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
     assert "Pareto-optimal" in printed and "speedup" in printed
 
     study = load_study(run_dir)
-    assert len(study.trials) == 3
-    assert all(t.state.is_finished() for t in study.trials)
+    assert len(finished(run_dir)) == 3
+    assert {t.state.name for t in study.trials} <= {"COMPLETE", "FAIL", "WAITING"}
+    # a new study starts with the anchors, each technique alone
+    assert [t.user_attrs.get("anchor") for t in study.trials[:3]] == ["int8", "4-bit", "structured-50"]
     parents, children = runs_of(run_dir)
     assert len(parents) == 1 and len(children) == 3
     parent_id = parents[0].info.run_id
@@ -105,7 +112,7 @@ def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
 
     # the same command with a higher target adds exactly the difference, under the same parent
     assert main(["run", SMOKE, "--n-trials", "4", "--run-dir", str(run_dir)]) == 0
-    assert len(load_study(run_dir).trials) == 4
+    assert len(finished(run_dir)) == 4
     parents, children = runs_of(run_dir)
     assert len(parents) == 1 and parents[0].info.run_id == parent_id
     assert len(children) == 4 and {c.data.tags[PARENT_TAG] for c in children} == {parent_id}
@@ -176,9 +183,9 @@ def test_failing_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path)
         "search_space={pruning.structured_ratio: [0.3, 0.5]}",
     ]
     assert main(args) == 0
-    study = load_study(run_dir)
-    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
-    for t in study.trials:
+    trials = finished(run_dir)
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    for t in trials:
         assert "no longer runs after structured pruning" in t.user_attrs["fail_reason"]
     parents, children = runs_of(run_dir)
     assert len(children) == 2
@@ -189,7 +196,7 @@ def test_failing_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path)
     assert parents[0].info.status == "FINISHED"
     # failed candidates are results: the same command finds the target met and adds nothing
     assert main(args) == 0
-    assert len(load_study(run_dir).trials) == 2
+    assert len(finished(run_dir)) == 2
 
 
 def test_unexpected_errors_exit_1(tmp_path, monkeypatch, capsys):
@@ -228,6 +235,6 @@ def test_runtime_that_disagrees_with_the_simulation_fails_the_trial(tmp_path, mo
     monkeypatch.setattr(search.study, "check_agreement", lambda *args, **kwargs: 0.02)
     run_dir = tmp_path / "run"
     assert main(["run", SMOKE, "--n-trials", "2", "--run-dir", str(run_dir)]) == 0
-    study = load_study(run_dir)
-    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
-    assert all("disagree on 2.00% of validation samples" in t.user_attrs["fail_reason"] for t in study.trials)
+    trials = finished(run_dir)
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all("disagree on 2.00% of validation samples" in t.user_attrs["fail_reason"] for t in trials)
