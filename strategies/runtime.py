@@ -121,8 +121,29 @@ def quantize_onnx_weights_(path: Path, model: nn.Module) -> int:
     if nodes:
         for node in reversed(nodes):
             graph.node.insert(0, node)
+        _flatten_as_reshape(graph)
         onnx.save(graph_model, str(path))
     return len(nodes)
+
+
+def _flatten_as_reshape(graph) -> None:
+    """Write Flatten(axis=1) as the equivalent Reshape(0, -1).
+
+    ORT moves a QuantizeLinear back through Reshape and MaxPool but not through Flatten, so
+    with a Flatten between them the last conv of a CNN never reaches its QuantizeLinear and
+    runs in float (measured here on LeNet-5 int8 at batch 64: 1.04x the float model with
+    Flatten, 1.40x with Reshape). The two ops compute the same thing.
+    """
+    from onnx import helper, numpy_helper
+
+    for index, node in enumerate(list(graph.node)):
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if node.op_type != "Flatten" or axis != 1:
+            continue
+        shape = f"{node.name or node.output[0]}.shape"
+        graph.initializer.append(numpy_helper.from_array(np.array([0, -1], dtype=np.int64), shape))
+        graph.node.remove(node)
+        graph.node.insert(index, helper.make_node("Reshape", [node.input[0], shape], list(node.output), name=shape))
 
 
 def ort_session(path: Path, threads: int):

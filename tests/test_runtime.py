@@ -87,3 +87,23 @@ def test_weight_only_quantization_exports_exact_float_weights(tmp_path):
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(d.onnx_path)).graph.initializer}
     assert np.array_equal(inits["1.weight"], model[1].weight.detach().numpy())
     assert not any(name.endswith("weight_codes") for name in inits)
+
+
+def test_int8_cnn_runs_every_conv_on_integer_kernels(tmp_path):
+    """ORT must fuse each quantized conv into QLinearConv; a float conv left behind (for
+    instance behind a Flatten that blocks QDQ propagation) would run the "int8" model in float."""
+    import onnx
+    import onnxruntime as ort
+
+    ctx = context()
+    model = Quantization().apply(trained_like(MODELS["lenet5"]), QuantizationConfig(8, 8), ctx)
+    d = materialize(model, tmp_path, example_inputs=ctx.example_inputs, save_artifact=save_artifact)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(d.onnx_path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2, ops
+    assert "Conv" not in ops and "FusedConv" not in ops, ops
+    x = torch.randn(256, 1, 28, 28)
+    assert check_agreement(d.predict, lambda b: model(b).detach(), x) <= 0.01
