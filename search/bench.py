@@ -28,6 +28,8 @@ EXPERIMENTS = {"lenet300": "fmnist_mlp.yaml", "lenet5": "fmnist_cnn.yaml"}
 # Deep Compression (Han et al., 2016), storage ratio at no accuracy loss, on MNIST.
 DEEP_COMPRESSION = {"lenet300": 40.0, "lenet5": 39.0}
 MAX_DROP = 0.01
+# The benchmark may fine-tune longer than a default search: up to this many epochs.
+FINETUNE_EPOCHS = 4
 
 # Which parameters each single technique searches; fixed values are set alongside.
 TECHNIQUES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -39,7 +41,7 @@ TECHNIQUES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         ("quantization.", "distillation.epochs", "distillation.lr"),
         {"distillation.alpha": 0.0, "distillation.temperature": 1.0},
     ),
-    "distillation": (("pruning.structured_ratio", "distillation."), {"distillation.epochs": [1, 3]}),
+    "distillation": (("pruning.structured_ratio", "distillation."), {"distillation.epochs": [1, FINETUNE_EPOCHS]}),
     "joint": (("",), {}),
 }
 
@@ -47,6 +49,8 @@ TECHNIQUES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 def technique_config(base: Config, model: str, technique: str) -> Config:
     prefixes, fixed = TECHNIQUES[technique]
     space = {k: v for k, v in base.search_space.items() if k.startswith(prefixes)}
+    if "distillation.epochs" in space:
+        space["distillation.epochs"] = [0, FINETUNE_EPOCHS]
     space.update(fixed)
     raw = base.to_dict()
     raw["name"] = f"bench-{model}-{technique}"
