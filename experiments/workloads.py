@@ -208,7 +208,13 @@ def build_workload(
     cache_dir: Path | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    inputs_checked: Callable[[], None] | None = None,
 ) -> Workload:
+    """The dataset splits and the trained baseline (trained once, then cached by fingerprint).
+
+    `inputs_checked` is called once the model, data and checkpoint have been checked and
+    before any training, so a caller can refuse to go on without wasting the training.
+    """
     progress = progress or logger.info
     recipe = training if isinstance(training, TrainingRecipe) else TrainingRecipe(**(training or {}))
     factory = model_factory(model)
@@ -238,6 +244,9 @@ def build_workload(
     }
     if checkpoint:
         load_state_dict(checkpoint, net, "workload.checkpoint")
+    if inputs_checked:
+        inputs_checked()
+    if checkpoint:
         definition["checkpoint"] = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
         fingerprint = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
     else:

@@ -83,8 +83,8 @@ def run_bench(
         for technique in TECHNIQUES:
             config = technique_config(base, model, technique)
             progress(f"bench {model} / {technique}: {n_trials} trials")
-            prepared = prepare(config, out / config.name, progress=progress)
-            result = run_search(prepared, n_trials)
+            with prepare(config, out / config.name, progress=progress) as prepared:
+                result = run_search(prepared, n_trials)
             b = prepared.baseline
             entry["baseline"] = {
                 "size_bytes": b["size_bytes"],

@@ -45,10 +45,8 @@ def _default_run_dir(config_name: str) -> Path:
     return Path("runs") / config_name
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
     from search.config import load_config
-    from search.report import FINAL_COLUMNS, format_table
-    from search.study import finished_trials, prepare, run_search
 
     overrides = list(args.set or [])
     if args.data_dir:
@@ -58,10 +56,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if n_trials < 0:
         raise _usage(f"--n-trials must be >= 0, got {n_trials}")
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.name)
+    return config, n_trials, run_dir
 
-    started = time.perf_counter()
-    prepared = prepare(config, run_dir, progress=logger.info)
-    baseline = prepared.baseline
+
+def _trial_reporter(n_trials: int):
+    from search.study import finished_trials
 
     def on_trial(study, trial) -> None:
         attrs = trial.user_attrs
@@ -80,7 +79,72 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             logger.info("%s %s  %s", done, trial.state.name, attrs.get("fail_reason", ""))
 
-    result = run_search(prepared, n_trials, on_trial=on_trial)
+    return on_trial
+
+
+def _spawn_workers(args: argparse.Namespace, run_dir: Path, n_trials: int) -> None:
+    """Start `args.workers` worker processes on this study and wait for them.
+
+    Each trains with its share of the cores; Ctrl-C reaches them too (same process group),
+    and each marks its own trial interrupted.
+    """
+    import subprocess
+
+    from search.control import worker_threads
+
+    command = [sys.executable, "-m", "search.cli", "worker", args.config, "--run-dir", str(run_dir)]
+    command += ["--n-trials", str(n_trials)]
+    for flag in ("storage", "tracking_uri", "data_dir"):
+        if getattr(args, flag, None):
+            command += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    for item in args.set or []:
+        command += ["--set", item]
+    env = {**os.environ, "AUTOCOMPRESS_THREADS": str(worker_threads(args.workers))}
+    procs = [subprocess.Popen(command, env=env) for _ in range(args.workers)]
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.send_signal(2)
+        for proc in procs:
+            proc.wait()
+        raise
+    if any(codes):
+        raise RuntimeError(f"workers exited with codes {codes}; rerun the same command to resume the study")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from search.report import FINAL_COLUMNS, format_table
+    from search.study import prepare, run_search, summarize
+
+    config, n_trials, run_dir = _load(args)
+    if args.workers < 1:
+        raise _usage(f"--workers must be >= 1, got {args.workers}")
+    started = time.perf_counter()
+    prepared = prepare(
+        config,
+        run_dir,
+        progress=logger.info,
+        storage_url=args.storage,
+        tracking_uri=args.tracking_uri,
+        fresh=args.fresh,
+    )
+    with prepared:
+        baseline = prepared.baseline
+        if args.workers > 1:
+            logger.info("starting %d workers on study %r", args.workers, config.name)
+            try:
+                _spawn_workers(args, run_dir, n_trials)
+            except BaseException as error:
+                prepared.tracker.end(
+                    prepared.parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+                )
+                raise
+            # Finalists are timed again here, alone: workers timed their trials side by side.
+            result = summarize(prepared)
+            prepared.tracker.end(prepared.parent_run_id, "FINISHED")
+        else:
+            result = run_search(prepared, n_trials, on_trial=_trial_reporter(n_trials))
     print()
     batches = "/".join(str(b) for b in config.latency.batch_sizes)
     print(
@@ -102,6 +166,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(f"results: {result.table_path}  plot: {result.plot_path}  ({time.perf_counter() - started:.0f}s)")
     print(f"review in the MLflow UI: autocompress ui --run-dir {run_dir}")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from search.study import prepare, run_trials
+
+    config, n_trials, run_dir = _load(args)
+    threads = os.environ.get("AUTOCOMPRESS_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    prepared = prepare(
+        config, run_dir, progress=logger.info, storage_url=args.storage, tracking_uri=args.tracking_uri, driver=False
+    )
+    ran = run_trials(prepared, n_trials, on_trial=_trial_reporter(n_trials))
+    logger.info("worker %d: ran %d trials; the study has reached its target of %d", os.getpid(), ran, n_trials)
     return EXIT_OK
 
 
@@ -175,14 +256,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run (or resume) a search")
-    run.add_argument("config", help="experiment YAML, e.g. experiments/fmnist_cnn.yaml")
-    run.add_argument("--n-trials", type=int, help="target number of finished trials for the whole study")
-    run.add_argument("--run-dir", help="where the study, the MLflow store and artifacts live (default runs/<name>)")
-    run.add_argument("--data-dir", help="directory with the dataset files (overrides workload.data_dir)")
+    worker = sub.add_parser("worker", help="join a study started by `autocompress run` and run trials for it")
+    for p in (run, worker):
+        p.add_argument("config", help="experiment YAML, e.g. experiments/fmnist_cnn.yaml")
+        p.add_argument("--n-trials", type=int, help="target number of finished trials for the whole study")
+        p.add_argument("--run-dir", help="where the study, the MLflow store and artifacts live (default runs/<name>)")
+        p.add_argument("--data-dir", help="directory with the dataset files (overrides workload.data_dir)")
+        p.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. search.sampler=random"
+        )
+        p.add_argument(
+            "--storage",
+            help="Optuna database shared by several machines (postgresql://... or mysql://...); "
+            "default: the run directory's journal file",
+        )
+        p.add_argument(
+            "--tracking-uri", help="MLflow tracking server or database (default: the run directory's mlflow.db)"
+        )
+    run.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     run.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. search.sampler=random"
+        "--fresh", action="store_true", help="move an existing study in --run-dir aside and start a new one"
     )
     run.set_defaults(func=cmd_run)
+    worker.set_defaults(func=cmd_worker)
 
     export = sub.add_parser("export", help="write a deployable package of one trial")
     export.add_argument("--run-dir", required=True)
@@ -216,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if args.command in ("run", "worker"):
+        from search.control import handle_termination
+
+        handle_termination()
     from experiments.data import DatasetMissingError
     from search.config import ConfigError
 

@@ -52,6 +52,7 @@ class SearchSection:
     # A trial fails when the runtime's predictions differ from the simulation's on more
     # than this fraction of validation samples: the deployed model would not be the one measured.
     max_runtime_disagreement: float = 0.005
+    trial_timeout: float = 0.0  # seconds; a trial that runs longer fails with that reason (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"latency.max_spread must be > 0, got {lat.max_spread}")
     if not 0.0 <= s.max_runtime_disagreement <= 1.0:
         raise ConfigError(f"search.max_runtime_disagreement must be in [0, 1], got {s.max_runtime_disagreement}")
+    if not s.trial_timeout >= 0:
+        raise ConfigError(f"search.trial_timeout must be >= 0 seconds (0: no limit), got {s.trial_timeout}")
     if s.sampler not in SAMPLERS:
         raise ConfigError(f"search.sampler must be one of {list(SAMPLERS)}, got {s.sampler!r}")
     if lat.runtime not in RUNTIMES:

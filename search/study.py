@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import logging
+import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,8 +23,6 @@ from typing import Any, Callable
 
 import optuna
 import torch
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from experiments.workloads import Workload, build_workload
@@ -30,6 +32,7 @@ from objectives.complexity import count_macs, count_params
 from objectives.latency import LatencyMs
 from objectives.registry import get_objective
 from search.anchors import enqueue_anchors
+from search import control
 from search.config import Config, ConfigError
 from search.tracking import Tracker, sqlite_uri
 from strategies import pipeline
@@ -44,8 +47,23 @@ class RuntimeMismatch(Exception):
     """The runtime computes something other than the simulated model: the trial fails."""
 
 
+class OutOfMemory(CompressionError):
+    """The candidate needed more memory than the machine has: it fails alone."""
+
+
 # Failures that belong to one candidate. Anything else is a bug and stops the run.
 TRIAL_FAILURES = (CompressionError, ObjectiveError, RuntimeMismatch)
+
+
+def _as_trial_failure(error: BaseException) -> BaseException:
+    """Out-of-memory errors (MemoryError, or torch's allocator RuntimeError) become OutOfMemory."""
+    if isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "out of memory" in str(error))
+    ):
+        return OutOfMemory(f"out of memory: {error}")
+    return error
+
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONFIG_FILE = "config.json"
 
@@ -64,6 +82,19 @@ class Prepared:
     tracker: Tracker
     study: optuna.Study
     parent_run_id: str
+    driver: bool = True  # the process that created or resumed the study, not a worker that joined it
+    lock: Any = None  # the driver's lock on the run directory, released by close()
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def __enter__(self) -> Prepared:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -117,11 +148,30 @@ def validate(config: Config) -> tuple[list[Strategy], list[Objective]]:
     return strategies, objectives
 
 
-def open_study(run_dir: Path, config: Config) -> optuna.Study:
-    """The run directory's study, created on first use."""
-    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+def open_study(
+    run_dir: Path, config: Config, storage: optuna.storages.BaseStorage | None = None, create: bool = True
+) -> optuna.Study:
+    """The study in `storage` (a shared database), or else in the run directory's journal."""
+    storage = storage or control.open_storage(run_dir, None)
+    if not create:
+        try:
+            return optuna.load_study(study_name=config.name, storage=storage)
+        except KeyError:
+            raise ConfigError(
+                f"no study named {config.name!r} in its storage; start it with autocompress run first"
+            ) from None
     directions = [get_objective(name).direction for name in config.search.objectives]
     return optuna.create_study(storage=storage, study_name=config.name, directions=directions, load_if_exists=True)
+
+
+def _check_study_config(study: optuna.Study, config: Config) -> None:
+    """A study keeps the config that created it; a process with another one may not join."""
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        study.set_user_attr("config", config.identity())
+    elif stored != config.identity():
+        differing = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
+        raise ConfigError(f"study {config.name!r} was created by a different config (differs in {differing})")
 
 
 def deploy(config: Config, workload: Workload, model: torch.nn.Module, out_dir: Path) -> Deployable:
@@ -164,18 +214,55 @@ def _relative(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str
     return out
 
 
-def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = logger.info) -> Prepared:
+def prepare(
+    config: Config,
+    run_dir: Path,
+    progress: Callable[[str], None] = logger.info,
+    *,
+    storage_url: str | None = None,
+    tracking_uri: str | None = None,
+    driver: bool = True,
+    fresh: bool = False,
+) -> Prepared:
+    """Check everything, then set up the study.
+
+    The driver (`autocompress run`) creates or resumes the study, recovers what an earlier
+    process left open, and owns the parent run. A worker (`autocompress worker`, or one of
+    `--workers N`) joins the driver's study and only runs trials.
+    """
     strategies, objectives = validate(config)
-    check_run_dir(config, run_dir)
+    database = control.open_storage(run_dir, storage_url) if storage_url else None  # reachable? say so now
     w = config.workload
     try:
         section = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
-        workload = build_workload(**section, seed=config.seed, progress=progress)
+        workload = build_workload(
+            **section,
+            seed=config.seed,
+            progress=progress,
+            # Every input error is reported before a refusal of the run directory.
+            inputs_checked=(lambda: None) if fresh else (lambda: check_run_dir(config, run_dir)),
+        )
     except ValueError as error:  # bad import paths, checkpoints and the like: the user's input
         raise ConfigError(str(error)) from None
+    if not driver:
+        study = open_study(run_dir, config, database, create=False)
+        _check_study_config(study, config)
     # Everything is validated and the data is there: now the run directory may be written.
+    lock = None
+    if driver:
+        if fresh and run_dir.exists():
+            control.lock_run_dir(run_dir).close()  # refuses while another run drives that study
+            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(run_dir, aside)
+            progress(f"--fresh: moved the earlier study in {run_dir} to {aside}")
+        lock = control.lock_run_dir(run_dir)
+        if storage_url is None:
+            control.repair_journal(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(config.identity(), indent=2, sort_keys=True))
+    if driver:
+        (run_dir / CONFIG_FILE).write_text(json.dumps(config.identity(), indent=2, sort_keys=True))
+        study = open_study(run_dir, config, database)
+        _check_study_config(study, config)
 
     s = config.search
     generator = torch.Generator().manual_seed(config.seed)
@@ -211,21 +298,35 @@ def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = log
     baseline = _measure(deployable, all_objectives, eval_context, workload.example_inputs)
     eval_context.reference_run = deployable.run  # every trial is timed interleaved with it
 
-    tracker = Tracker(sqlite_uri(run_dir), config.name, artifact_dir=run_dir / "mlartifacts")
-    study = open_study(run_dir, config)
-    if config.search.anchors:
+    if tracking_uri:
+        tracker = Tracker(tracking_uri, config.name)
+    else:
+        tracker = Tracker(sqlite_uri(run_dir), config.name, artifact_dir=run_dir / "mlartifacts")
+    with control.study_lock(study, run_dir):
+        # A driver of a journal holds the run directory's lock: every RUNNING trial is an orphan.
+        retried = control.recover(study, tracker, local=driver and storage_url is None)
+    if retried:
+        progress(f"trials {retried} were interrupted; their parameters run again first")
+    if driver and config.search.anchors:
         enqueued = enqueue_anchors(study, strategies)
         if enqueued:
             progress(f"starting with the anchors: {', '.join(enqueued)}")
-    study.sampler = make_sampler(config.search.sampler, config.seed + len(study.trials))
-    parent_run_id = tracker.start_parent(study.user_attrs.get("mlflow_parent_run_id"), config.name)
-    study.set_user_attr("mlflow_parent_run_id", parent_run_id)
-    tracker.log(
-        parent_run_id,
-        params={"config": config.to_dict(), "workload.fingerprint": workload.fingerprint},
-        metrics={f"baseline_{k}": v for k, v in baseline.items()},
-        tags={"study_name": config.name, "role": "study"},
+    # Seeded per process and per study size, so workers and resumed runs do not repeat each other.
+    study.sampler = make_sampler(
+        config.search.sampler, config.seed + len(study.trials) + (0 if driver else os.getpid())
     )
+    parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if driver:
+        parent_run_id = tracker.start_parent(parent_run_id, config.name)
+        study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+        tracker.log(
+            parent_run_id,
+            params={"config": config.to_dict(), "workload.fingerprint": workload.fingerprint},
+            metrics={f"baseline_{k}": v for k, v in baseline.items()},
+            tags={"study_name": config.name, "role": "study"},
+        )
+    elif parent_run_id is None:
+        raise ConfigError(f"study {config.name!r} has no MLflow parent run; start it with autocompress run first")
     progress(
         f"baseline: accuracy {baseline['accuracy']:.4f}, size {baseline['size_bytes'] / 1024:.1f} kB, "
         f"latency {baseline['latency_ms']:.3f} ms, {int(baseline['params'])} params"
@@ -243,6 +344,8 @@ def prepare(config: Config, run_dir: Path, progress: Callable[[str], None] = log
         tracker,
         study,
         parent_run_id,
+        driver,
+        lock,
     )
 
 
@@ -259,25 +362,32 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
         trial.set_user_attr("mlflow_run_id", run_id)
         p.tracker.log(run_id, params=trial.params)
         try:
-            torch.manual_seed(p.config.seed + trial.number)
-            model = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, configs, p.context)
-            deployable = deploy(p.config, p.workload, model, p.run_dir / "trials" / f"{trial.number:04d}")
-            disagreement = 0.0
-            if deployable.onnx_path is not None:
-                disagreement = check_agreement(deployable.predict, lambda x: _batched(model, x, 1000), p.workload.val.x)
-                limit = p.config.search.max_runtime_disagreement
-                if disagreement > limit:
-                    raise RuntimeMismatch(
-                        f"ONNX Runtime and the simulated model disagree on {disagreement:.2%} of validation "
-                        f"samples (limit {limit:.2%})"
+            with control.time_limit(p.config.search.trial_timeout):
+                torch.manual_seed(p.config.seed + trial.number)
+                model = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, configs, p.context)
+                deployable = deploy(p.config, p.workload, model, p.run_dir / "trials" / f"{trial.number:04d}")
+                disagreement = 0.0
+                if deployable.onnx_path is not None:
+                    disagreement = check_agreement(
+                        deployable.predict, lambda x: _batched(model, x, 1000), p.workload.val.x
                     )
-            metrics = _measure(deployable, p.objectives, p.eval_context, p.workload.example_inputs)
-            metrics.update(_relative(metrics, p.baseline))
-            metrics["runtime_disagreement"] = disagreement
+                    limit = p.config.search.max_runtime_disagreement
+                    if disagreement > limit:
+                        raise RuntimeMismatch(
+                            f"ONNX Runtime and the simulated model disagree on {disagreement:.2%} of validation "
+                            f"samples (limit {limit:.2%})"
+                        )
+                metrics = _measure(deployable, p.objectives, p.eval_context, p.workload.example_inputs)
+                metrics.update(_relative(metrics, p.baseline))
+                metrics["runtime_disagreement"] = disagreement
+                bad = [o.name for o in p.objectives if not math.isfinite(metrics[o.name])]
+                if bad:  # never hand Optuna a NaN or an infinity
+                    raise ObjectiveError(f"objective {bad[0]} is not finite: {metrics[bad[0]]}")
         except BaseException as error:
+            error = _as_trial_failure(error)
             interrupted = isinstance(error, KeyboardInterrupt)
             if interrupted:
-                reason = "interrupted"
+                reason = control.INTERRUPTED
             elif isinstance(error, TRIAL_FAILURES):
                 reason = f"{type(error).__name__}: {error}"
             else:
@@ -285,7 +395,7 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
             trial.set_user_attr("fail_reason", reason)
             p.tracker.log(run_id, tags={"state": "FAIL", "fail_reason": reason, "optuna.trial": trial.number})
             p.tracker.end(run_id, "KILLED" if interrupted else "FAILED")
-            raise
+            raise error
         metrics["trial_seconds"] = time.perf_counter() - started
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
@@ -308,26 +418,56 @@ def finished_trials(study: optuna.Study) -> int:
     """Trials that count toward the study's target: every evaluated candidate, failed ones
     included (a candidate that cannot be built is a result), but not interrupted ones."""
     return sum(
-        t.state in FINISHED or (t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != "interrupted")
-        for t in study.trials
+        t.state in FINISHED or (t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != control.INTERRUPTED)
+        for t in study.get_trials(deepcopy=False)
     )
+
+
+def _next_trial(p: Prepared, n_trials: int) -> optuna.Trial | None:
+    """A new trial, or None once finished and running trials reach the target. Counting and
+    asking happen under the study's lock, so concurrent workers never overshoot it."""
+    with control.study_lock(p.study, p.run_dir):
+        if control.database(p.study) is not None:  # fail and retry trials of workers that died since
+            control.recover(p.study, p.tracker, local=False)
+        running = len(p.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if finished_trials(p.study) + running >= n_trials:
+            return None
+        return p.study.ask()
+
+
+def run_trials(
+    p: Prepared, n_trials: int, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
+) -> int:
+    """Run trials until the study holds `n_trials` finished or running ones. Returns how many
+    this process ran. A trial's own failure is recorded and the loop goes on; an interrupt or
+    a bug marks the trial FAIL and propagates."""
+    objective = _objective(p)
+    ran = 0
+    while (trial := _next_trial(p, n_trials)) is not None:
+        try:
+            with control.heartbeat(p.study, trial):
+                values = objective(trial)
+        except TRIAL_FAILURES:
+            p.study.tell(trial, state=TrialState.FAIL)
+        except BaseException:
+            p.study.tell(trial, state=TrialState.FAIL)
+            raise
+        else:
+            p.study.tell(trial, values)
+        ran += 1
+        gc.collect()
+        if on_trial:
+            on_trial(p.study, p.study._storage.get_trial(trial._trial_id))
+    return ran
 
 
 def run_search(
     p: Prepared, n_trials: int, on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
 ) -> SearchResult:
     """Run trials until the study holds `n_trials` finished ones, then mark the front."""
-    todo = max(0, n_trials - finished_trials(p.study))
-    logger.info("study %r holds %d finished trials; running %d more", p.config.name, n_trials - todo, todo)
+    logger.info("study %r holds %d finished trials; target %d", p.config.name, finished_trials(p.study), n_trials)
     try:
-        if todo:
-            p.study.optimize(
-                _objective(p),
-                n_trials=todo,
-                catch=TRIAL_FAILURES,
-                callbacks=[on_trial] if on_trial else None,
-                gc_after_trial=True,
-            )
+        run_trials(p, n_trials, on_trial)
     except BaseException as error:
         p.tracker.end(p.parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise

@@ -86,6 +86,19 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path) -> None:
         self.client.log_artifact(run_id, str(path))
 
+    def close_orphans(self, parent_id: str | None, live_trials: set[int]) -> int:
+        """End as KILLED every child run still RUNNING whose trial is not running any more
+        (its process was killed). Returns how many were closed."""
+        if parent_id is None:
+            return 0
+        closed = 0
+        for run in self.children(parent_id):
+            if run.info.status == "RUNNING" and int(run.data.tags.get("optuna.trial", -1)) not in live_trials:
+                self.log(run.info.run_id, tags={"state": "FAIL", "fail_reason": "interrupted"})
+                self.end(run.info.run_id, "KILLED")
+                closed += 1
+        return closed
+
     def children(self, parent_id: str) -> list:
         return self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50000

@@ -161,6 +161,14 @@ def ort_session(path: Path, threads: int):
         raise ExportError(f"ONNX Runtime cannot load the exported model: {error}") from error
 
 
+def check_finite(model: nn.Module) -> None:
+    """Nothing NaN or infinite gets packed or exported: the integer codes would hide it."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CompressionError(f"non-finite values in {name} ({bad} of {tensor.numel()})")
+
+
 def materialize(
     model: nn.Module,
     out_dir: Path,
@@ -173,6 +181,7 @@ def materialize(
     if runtime not in RUNTIMES:
         raise ValueError(f"latency.runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
     model.eval()
+    check_finite(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     artifact = out_dir / ARTIFACT_NAME
