@@ -21,9 +21,10 @@ import fcntl
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
@@ -136,15 +137,38 @@ def study_lock(study: optuna.Study, run_dir: Path) -> Iterator[None]:
 # ---------------------------------------------------------- signals and limits
 
 
+_signalled: list[str] = []
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    _signalled.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt(_signalled[-1])
 
 
 def handle_termination() -> None:
     """Make SIGINT and SIGTERM both end the running trial the same way, even when the shell
     started us with SIGINT ignored (a background job of a script)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    sys.unraisablehook = _quiet_interrupts(sys.unraisablehook)
+
+
+def _quiet_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An interrupt raised inside a finalizer cannot propagate; Python would print it as
+    "Exception ignored". It is recorded instead, and `check_interrupted` raises it again."""
+
+    def unraisable(info: Any) -> None:
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            hook(info)
+
+    return unraisable
+
+
+def check_interrupted() -> None:
+    """Raise again a signal whose KeyboardInterrupt a library swallowed (one raised inside a
+    finalizer is only printed), so an interrupted trial never counts as finished."""
+    if _signalled:
+        raise KeyboardInterrupt(_signalled[-1])
 
 
 @contextlib.contextmanager

@@ -214,6 +214,12 @@ def _relative(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str
     return out
 
 
+def _report(message: str) -> None:
+    """Progress of a trial's long steps; also where a swallowed interrupt is noticed."""
+    logger.debug(message)
+    control.check_interrupted()
+
+
 def prepare(
     config: Config,
     run_dir: Path,
@@ -280,7 +286,7 @@ def prepare(
         teacher_logits=_batched(teacher, finetune_x, 1000),  # once per study, reused by every trial
         seed=config.seed,
         batch_size=s.batch_size,
-        report=lambda message: logger.debug(message),
+        report=_report,
     )
     eval_context = EvalContext(
         val_x=workload.val.x,
@@ -383,6 +389,7 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
                 bad = [o.name for o in p.objectives if not math.isfinite(metrics[o.name])]
                 if bad:  # never hand Optuna a NaN or an infinity
                     raise ObjectiveError(f"objective {bad[0]} is not finite: {metrics[bad[0]]}")
+                control.check_interrupted()
         except BaseException as error:
             error = _as_trial_failure(error)
             interrupted = isinstance(error, KeyboardInterrupt)

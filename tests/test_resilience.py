@@ -100,7 +100,7 @@ def test_interrupt_marks_the_trial_and_exits_cleanly(tmp_path, sig):
     proc.send_signal(sig)
     code = proc.wait(timeout=60)
     stderr = proc.stderr.read()
-    assert code != 0 and "interrupted" in stderr and "Traceback" not in stderr
+    assert code != 0 and "interrupted" in stderr and "Traceback" not in stderr, stderr
     interrupted = load_study(run_dir).trials[victim.number]
     assert interrupted.state.name == "FAIL" and interrupted.user_attrs["fail_reason"] == "interrupted"
     parent, runs = child_runs_by_trial(run_dir)
