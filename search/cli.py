@@ -128,6 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         storage_url=args.storage,
         tracking_uri=args.tracking_uri,
         fresh=args.fresh,
+        n_trials=n_trials,
     )
     with prepared:
         baseline = prepared.baseline
@@ -161,12 +162,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         repeats = config.latency.final_repeats
         print(f"Pareto-optimal trials, rebuilt from their artifacts and timed again ({repeats} runs):")
         print(format_table(result.pareto, FINAL_COLUMNS))
+    elif result.closest:
+        print(f"no trial meets the constraints {config.constraints.limits()}; the closest ones:")
+        print(format_table(result.closest, ("accuracy", "accuracy_drop", "size_bytes", "latency_ms", "violation")))
     else:
         print("no completed trials, so no Pareto front")
     print()
+    if result.recommended is not None:
+        r = result.recommended
+        print(f"recommended: trial {r['trial']}, {result.rule}")
+        print(f"  {_describe(r)}")
+        print()
     print(f"results: {result.table_path}  plot: {result.plot_path}  ({time.perf_counter() - started:.0f}s)")
     print(f"review in the MLflow UI: autocompress ui --run-dir {run_dir}")
     return EXIT_OK
+
+
+def _describe(row) -> str:
+    figures = [f"val {row['accuracy']:.4f}"]
+    if "test_accuracy" in row:
+        figures.append(f"test {row['test_accuracy']:.4f}")
+    if "size_bytes" in row:
+        figures.append(f"{row['size_bytes'] / 1024:.1f} kB ({row['compression_ratio']:.1f}x smaller)")
+    if "final_latency_ms" in row:
+        figures.append(f"{row['final_latency_ms']:.3f} ms ({row['final_speedup']:.2f}x)")
+    params = ", ".join(
+        f"{k.split('.', 1)[1]}={v:g}" for k, v in row.items() if "." in k and isinstance(v, (int, float))
+    )
+    return f"{'; '.join(figures)}  [{params}]"
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -179,7 +202,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(int(threads))
     prepared = prepare(
-        config, run_dir, progress=logger.info, storage_url=args.storage, tracking_uri=args.tracking_uri, driver=False
+        config,
+        run_dir,
+        progress=logger.info,
+        storage_url=args.storage,
+        tracking_uri=args.tracking_uri,
+        driver=False,
+        n_trials=n_trials,
     )
     ran = run_trials(prepared, n_trials, on_trial=_trial_reporter(n_trials))
     logger.info("worker %d: ran %d trials; the study has reached its target of %d", os.getpid(), ran, n_trials)
@@ -192,6 +221,55 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_trial(Path(args.run_dir), args.trial, Path(args.out))
     for path in sorted(out.iterdir()):
         print(f"{path}  {path.stat().st_size} bytes")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from search import decision
+    from search.config import ConfigError, parse_config
+    from search.study import CONFIG_FILE, open_study
+    from search.tracking import Tracker, sqlite_uri
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(f"--run-dir {run_dir} holds no study (no {CONFIG_FILE}); run a search there first")
+    config = parse_config(json.loads((run_dir / CONFIG_FILE).read_text()))
+    summary = decision.load_summary(run_dir)
+    study = open_study(run_dir, config, create=False)
+    path = decision.write_report(run_dir, study)
+    tracker = Tracker(sqlite_uri(run_dir), config.name, artifact_dir=run_dir / "mlartifacts")
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        tracker.log_artifact(parent, path)
+    version = decision.register(run_dir, tracker, config.name)
+    print(f"report: {path}")
+    if summary["recommended"] is not None:
+        print(f"recommended: trial {summary['recommended']['trial']}, {summary['rule']}")
+    if version is not None:
+        print(f"registered in the MLflow Model Registry as {config.name!r} version {version}")
+    return EXIT_OK
+
+
+def cmd_efficiency(args: argparse.Namespace) -> int:
+    import json
+
+    from search.efficiency import markdown, run_efficiency
+
+    table = Path(args.table)
+    if not table.is_file():
+        raise UsageError(f"--table {table} does not exist; the shipped table is experiments/efficiency_lenet300.json")
+    if args.seeds < 2 or not args.budgets or min(args.budgets) < 1:
+        raise UsageError(f"--seeds must be >= 2 and --budgets whole numbers >= 1; got {args.seeds} and {args.budgets}")
+    started = time.perf_counter()
+    results = run_efficiency(table, args.samplers, args.seeds, sorted(args.budgets), progress=logger.info)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "efficiency.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    (out / "efficiency.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"wrote {out / 'efficiency.json'} and {out / 'efficiency.md'} ({time.perf_counter() - started:.0f}s)")
     return EXIT_OK
 
 
@@ -298,6 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--run-dir", required=True)
     verify.add_argument("--repeats", type=int, default=200)
     verify.set_defaults(func=cmd_verify)
+
+    eff = sub.add_parser("efficiency", help="replay samplers against the exhaustively evaluated table")
+    eff.add_argument(
+        "--table", default=str(Path(__file__).resolve().parent.parent / "experiments" / "efficiency_lenet300.json")
+    )
+    eff.add_argument("--samplers", nargs="+", default=["auto", "tpe", "nsga2", "random", "random-plain"],
+                     choices=["auto", "tpe", "gp", "nsga2", "random", "random-plain", "grid"])  # fmt: skip
+    eff.add_argument("--seeds", type=int, default=10)
+    eff.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 100])
+    eff.add_argument("--out", default="runs/efficiency")
+    eff.set_defaults(func=cmd_efficiency)
+
+    report = sub.add_parser("report", help="write a finished study's decision report (HTML) and register its pick")
+    report.add_argument("--run-dir", required=True)
+    report.set_defaults(func=cmd_report)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on a run directory's store")
     ui.add_argument("--run-dir", required=True)

@@ -18,7 +18,7 @@ import yaml
 from experiments.workloads import TrainingRecipe
 
 OBJECTIVE_NAMES = ("accuracy", "size_bytes", "latency_ms")
-SAMPLERS = ("tpe", "nsga2", "random", "gp")
+SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random", "grid")
 RUNTIMES = ("onnxruntime", "torch")
 
 
@@ -44,7 +44,7 @@ class WorkloadSection:
 class SearchSection:
     n_trials: int = 30
     objectives: tuple[str, ...] = OBJECTIVE_NAMES
-    sampler: str = "tpe"
+    sampler: str = "auto"  # chosen from the trial budget: see search.study.make_sampler
     anchors: bool = True  # start a new study with each technique alone (see search/anchors.py)
     finetune_size: int = 10000
     calibration_size: int = 1000
@@ -53,6 +53,21 @@ class SearchSection:
     # than this fraction of validation samples: the deployed model would not be the one measured.
     max_runtime_disagreement: float = 0.005
     trial_timeout: float = 0.0  # seconds; a trial that runs longer fails with that reason (0: no limit)
+
+
+@dataclass(frozen=True)
+class ConstraintsSection:
+    """Limits a shipped model must meet. Each becomes an Optuna constraint; none is a weight."""
+
+    max_accuracy_drop: float | None = None  # fraction of the baseline's validation accuracy, e.g. 0.01
+    max_size_bytes: int | None = None
+    max_latency_ms: float | None = None
+
+    def limits(self) -> dict[str, float]:
+        """Measured figure → its limit, for the limits that are set."""
+        named = {"accuracy_drop": self.max_accuracy_drop, "size_bytes": self.max_size_bytes,
+                 "latency_ms": self.max_latency_ms}  # fmt: skip
+        return {key: float(limit) for key, limit in named.items() if limit is not None}
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,7 @@ class Config:
     # Namespaced parameter name → raw YAML value; validated by the strategies themselves.
     search_space: Mapping[str, Any] = field(default_factory=dict)
     search: SearchSection = field(default_factory=SearchSection)
+    constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
     latency: LatencySection = field(default_factory=LatencySection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,6 +212,12 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"search.trial_timeout must be >= 0 seconds (0: no limit), got {s.trial_timeout}")
     if s.sampler not in SAMPLERS:
         raise ConfigError(f"search.sampler must be one of {list(SAMPLERS)}, got {s.sampler!r}")
+    c = config.constraints
+    if c.max_accuracy_drop is not None and not 0.0 <= c.max_accuracy_drop < 1.0:
+        raise ConfigError(f"constraints.max_accuracy_drop must be in [0, 1), got {c.max_accuracy_drop}")
+    _positive("constraints.max_size_bytes", c.max_size_bytes)
+    if c.max_latency_ms is not None and not c.max_latency_ms > 0:
+        raise ConfigError(f"constraints.max_latency_ms must be > 0, got {c.max_latency_ms}")
     if lat.runtime not in RUNTIMES:
         raise ConfigError(f"latency.runtime must be one of {list(RUNTIMES)}, got {lat.runtime!r}")
 
@@ -216,6 +238,7 @@ def parse_config(raw: Any, default_name: str = "experiment") -> Config:
         workload=_section(WorkloadSection, raw.get("workload"), "workload"),
         search_space=dict(space),
         search=_section(SearchSection, raw.get("search"), "search"),
+        constraints=_section(ConstraintsSection, raw.get("constraints"), "constraints"),
         latency=_section(LatencySection, raw.get("latency"), "latency"),
     )
     _validate(config)

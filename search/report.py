@@ -27,6 +27,10 @@ HEADERS = {
     "final_latency_ms_b64": "latency_b64",
     "final_speedup_b64": "speedup_b64",
     "accuracy_drop": "acc_drop",
+    "final_latency_p90_ms": "p90",
+    "final_latency_spread": "spread",
+    "final_latency_p90_ms_b64": "p90_b64",
+    "final_latency_spread_b64": "spread_b64",
 }
 
 
@@ -85,8 +89,10 @@ def _fmt(key: str, value: Any) -> str:
         return "-"
     if key == "size_bytes":
         return f"{value / 1024:.1f} kB"
-    if "latency_ms" in key:
+    if "latency_ms" in key or "p90_ms" in key:
         return f"{value:.3f} ms"
+    if "spread" in key:
+        return f"±{100 * value:.0f}%"
     if "speedup" in key or key == "compression_ratio":
         return f"{value:.2f}x"
     if isinstance(value, float):

@@ -86,6 +86,23 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path) -> None:
         self.client.log_artifact(run_id, str(path))
 
+    def register_model(self, name: str, run_id: str, package: Path, tags: Mapping[str, Any]) -> int:
+        """Log `package` as the run's ``model`` artifact and register it as a new version of `name`."""
+        from mlflow.exceptions import MlflowException
+
+        for version in self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            return int(version.version)  # registered already: a resumed or re-reported study
+        self.client.log_artifacts(run_id, str(package), artifact_path="model")
+        try:
+            self.client.create_registered_model(name, description="Recommended by autocompress")
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(
+            name, source=f"runs:/{run_id}/model", run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+        )
+        return int(version.version)
+
     def close_orphans(self, parent_id: str | None, live_trials: set[int]) -> int:
         """End as KILLED every child run still RUNNING whose trial is not running any more
         (its process was killed). Returns how many were closed."""

@@ -210,6 +210,8 @@ def test_malformed_configs_exit_2_before_touching_the_stores(tmp_path, capsys):
         (["--set", "search.trial_timeout=-1"], "search.trial_timeout"),
         (["--set", "latency.runtime=tensorrt"], "latency.runtime"),
         (["--storage", "sqlite:///x.db"], "--storage"),
+        (["--set", "constraints.max_accuracy_drop=1.5"], "constraints.max_accuracy_drop"),
+        (["--set", "constraints.max_size_bytes=0"], "constraints.max_size_bytes"),
     ]
     for extra, key in cases:
         assert main(["run", SMOKE, "--run-dir", str(run_dir), *extra]) == 2, extra

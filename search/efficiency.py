@@ -1,0 +1,293 @@
+"""Search efficiency: samplers replayed against an exhaustively evaluated search space.
+
+`build_table` evaluates every configuration of a small grid over LeNet-300-100's space with
+the real pipeline (quick fine-tuning), and stores the measured figures as a JSON file that
+ships with the repository. `replay` then runs each sampler against that table: a trial's
+parameters are snapped to the nearest grid value and its figures are looked up, so a sampler
+comparison over many seeds takes minutes instead of days.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from objectives.registry import get_objective
+from search import front
+from search.config import Config, load_config, parse_config
+
+logger = logging.getLogger(__name__)
+
+TABLE_PATH = Path(__file__).resolve().parent.parent / "experiments" / "efficiency_lenet300.json"
+
+# The grid: every valid combination is evaluated once. Distillation settings other than the
+# epochs are fixed, so a fine-tuned point differs from an untuned one only in that choice.
+GRID: dict[str, list[Any]] = {
+    "pruning.structured_ratio": [0.0, 0.25, 0.5, 0.75],
+    "pruning.unstructured_sparsity": [0.0, 0.5, 0.8, 0.9, 0.95],
+    "quantization.weight_bits": [2, 3, 4, 8, 32],
+    "quantization.activation_bits": [8, 32],
+    "distillation.epochs": [0, 1],
+    "distillation.temperature": [4.0],
+    "distillation.alpha": [0.7],
+    "distillation.lr": [3e-3],
+}
+
+
+def grid_configs() -> list[dict[str, Any]]:
+    """Every valid point of GRID; conditional parameters appear only where they are used."""
+    configs = []
+    for values in itertools.product(*GRID.values()):
+        params = dict(zip(GRID, values))
+        if params["quantization.weight_bits"] == 32:
+            if params["quantization.activation_bits"] != 32:
+                continue
+            del params["quantization.activation_bits"]
+        if params["distillation.epochs"] == 0:
+            for key in ("distillation.temperature", "distillation.alpha", "distillation.lr"):
+                del params[key]
+        configs.append(params)
+    return configs
+
+
+def table_config(experiments_dir: Path) -> Config:
+    """The MLP experiment over the grid's span, with quick fine-tuning and no anchors."""
+    raw = load_config(experiments_dir / "fmnist_mlp.yaml").to_dict()
+    raw["name"] = "efficiency-lenet300"
+    choices = ("quantization.weight_bits", "quantization.activation_bits")
+    raw["search_space"] = {
+        key: values if key in choices else values[0] if len(values) == 1 else [min(values), max(values)]
+        for key, values in GRID.items()
+    }
+    raw["search"].update(anchors=False, finetune_size=10000)
+    raw["latency"]["batch_sizes"] = [1]
+    return parse_config(raw)
+
+
+def build_table(
+    run_dir: Path, out: Path, experiments_dir: Path, progress: Callable[[str], None] = logger.info
+) -> dict[str, Any]:
+    """Evaluate every grid point (resumable: the study lives in `run_dir`) and write the table."""
+    from search.study import prepare, run_trials
+
+    config = table_config(experiments_dir)
+    configs = grid_configs()
+    with prepare(config, run_dir, progress=progress) as prepared:
+        study = prepared.study
+        if not study.trials:
+            for params in configs:
+                study.enqueue_trial(params)
+        progress(f"evaluating {len(configs)} configurations")
+
+        def on_trial(study, trial) -> None:
+            progress(
+                f"[{trial.number + 1}/{len(configs)}] {trial.state.name} {trial.user_attrs.get('fail_reason', '')}"
+            )
+
+        run_trials(prepared, len(configs), on_trial)
+        prepared.tracker.end(prepared.parent_run_id, "FINISHED")
+        rows = []
+        for t in study.trials:
+            row = {"params": t.params, "state": t.state.name}
+            if t.state.name == "COMPLETE":
+                row.update({k: t.user_attrs[k] for k in ("accuracy", "size_bytes", "latency_ms")})
+            else:
+                row["fail_reason"] = t.user_attrs.get("fail_reason", "")
+            rows.append(row)
+        b = prepared.baseline
+        table = {
+            "description": "LeNet-300-100 on Fashion-MNIST, every grid point evaluated once: 10k-sample "
+            "fine-tune of at most 1 epoch, val accuracy, packed artifact bytes, ONNX Runtime batch-1 latency",
+            "grid": GRID,
+            "baseline": {k: b[k] for k in ("accuracy", "size_bytes", "latency_ms")},
+            "rows": rows,
+        }
+    out.write_text(json.dumps(table, indent=1, sort_keys=True))
+    progress(f"wrote {out}: {sum(r['state'] == 'COMPLETE' for r in rows)} of {len(rows)} configurations complete")
+    return table
+
+
+# ---------------------------------------------------------------------- replay
+
+BASELINE_SAMPLER = "random"
+
+
+class Table:
+    """The shipped table: look a configuration up after snapping it to the grid."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.grid = data["grid"]
+        self.baseline = data["baseline"]
+        self.rows = data["rows"]
+        self.index = {self.key(row["params"]): i for i, row in enumerate(self.rows)}
+        self.complete = [i for i, row in enumerate(self.rows) if row["state"] == "COMPLETE"]
+        self.complete_set = set(self.complete)
+        points = np.stack([self.point(i) for i in self.complete])
+        dominated = [bool(np.any(np.all(points <= p, axis=1) & np.any(points < p, axis=1))) for p in points]
+        self.front = {i for i, d in zip(self.complete, dominated) if not d}
+        self.exhaustive_hv = self.hypervolume(self.complete)
+
+    @classmethod
+    def load(cls, path: Path) -> Table:
+        return cls(json.loads(Path(path).read_text()))
+
+    def key(self, params: dict[str, Any]) -> tuple:
+        snapped = []
+        for name, value in sorted(params.items()):
+            values = self.grid[name]
+            snapped.append((name, min(values, key=lambda v: abs(v - value))))
+        return tuple(snapped)
+
+    def point(self, i: int) -> np.ndarray:
+        return front.relative(self.rows[i], self.baseline, OBJECTIVES)
+
+    def hypervolume(self, indices: Iterable[int]) -> float:
+        rows = [self.rows[i] for i in set(indices) & self.complete_set]
+        return front.hypervolume(rows, self.baseline, OBJECTIVES)
+
+
+OBJECTIVES = ("accuracy", "size_bytes", "latency_ms")
+
+
+def replay(table: Table, sampler: str, seed: int, n_trials: int, anchors: bool = True) -> list[int]:
+    """Run one study of `sampler` against the table; the table rows it evaluated, in order."""
+    import optuna
+
+    from search.anchors import enqueue_anchors
+    from search.study import make_sampler
+    from strategies import pipeline
+
+    strategies = pipeline.build_strategies(table_config(TABLE_PATH.parent).search_space)
+    directions = [get_objective(name).direction for name in OBJECTIVES]
+    study = optuna.create_study(directions=directions, sampler=make_sampler(sampler, seed, n_trials, strategies))
+    if anchors:
+        enqueue_anchors(study, strategies)
+    visited = []
+    for _ in range(n_trials):
+        trial = study.ask()
+        pipeline.suggest(strategies, trial)
+        i = table.index[table.key(trial.params)]
+        visited.append(i)
+        row = table.rows[i]
+        if row["state"] == "COMPLETE":
+            study.tell(trial, [row[name] for name in OBJECTIVES])
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return visited
+
+
+def _replay_job(job: tuple) -> tuple[tuple, list[int]]:
+    import warnings
+
+    import optuna
+
+    import torch
+
+    torch.set_num_threads(1)  # one process per core
+    warnings.filterwarnings("ignore")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    table_path, sampler, seed, n_trials, anchors = job
+    return job, replay(Table.load(table_path), sampler, seed, n_trials, anchors)
+
+
+def run_efficiency(
+    table_path: Path,
+    samplers: Sequence[str],
+    seeds: int,
+    budgets: Sequence[int],
+    processes: int = 2,
+    progress: Callable[[str], None] = logger.info,
+) -> dict[str, Any]:
+    """Replay every sampler over `seeds` seeds; figures at each budget.
+
+    Every sampler starts from the anchors, as a real search does; ``random-plain`` is random
+    search without them, the usual baseline. A sampler does not know its budget, so one run
+    of the largest budget gives every smaller budget as its prefix (``auto`` resolves per budget).
+    """
+    from multiprocessing import Pool
+
+    from search.study import resolve_sampler
+
+    from scipy.stats import mannwhitneyu
+
+    table = Table.load(table_path)
+    entries = [(s, s != "random-plain") for s in samplers]
+    jobs = {}
+    for name, anchors in entries:
+        for n in budgets:
+            resolved = resolve_sampler(name.replace("-plain", ""), n)
+            for seed in range(seeds):
+                key = (str(table_path), resolved, seed, anchors)
+                jobs[key] = max(jobs.get(key, 0), n)
+    progress(
+        f"replaying {len(jobs)} studies on {len(table.rows)} configurations ({len(table.front)} on the true front)"
+    )
+    with Pool(processes) as pool:
+        done = dict(
+            ((path, sampler, seed, anchors), visited)
+            for (path, sampler, seed, _, anchors), visited in pool.imap_unordered(
+                _replay_job, [(*key[:3], n, key[3]) for key, n in jobs.items()]
+            )
+        )
+    results: dict[str, Any] = {
+        "table": str(table_path.name),
+        "configurations": len(table.rows),
+        "true_front": len(table.front),
+        "exhaustive_hypervolume": table.exhaustive_hv,
+        "seeds": seeds,
+        "samplers": {},
+    }
+    for name, anchors in entries:
+        per_budget = {}
+        for n in budgets:
+            resolved = resolve_sampler(name.replace("-plain", ""), n)
+            runs = [done[(str(table_path), resolved, seed, anchors)][:n] for seed in range(seeds)]
+            ratios = [table.hypervolume(r) / table.exhaustive_hv for r in runs]
+            shares = [len(set(r) & table.front) / len(table.front) for r in runs]
+            per_budget[str(n)] = {"sampler": resolved, "hv_ratio": ratios, "pareto_share": shares,
+                                  "hv_ratio_median": float(np.median(ratios)),
+                                  "pareto_share_median": float(np.median(shares))}  # fmt: skip
+        results["samplers"][name] = per_budget
+    default = results["samplers"]["auto"]
+    for n in budgets:
+        for other in ("random", "random-plain"):
+            if other in results["samplers"]:
+                test = mannwhitneyu(default[str(n)]["hv_ratio"], results["samplers"][other][str(n)]["hv_ratio"],
+                                    alternative="greater")  # fmt: skip
+                default[str(n)][f"p_vs_{other}"] = float(test.pvalue)
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    budgets = list(next(iter(results["samplers"].values())))
+    lines = [
+        f"Hypervolume as a fraction of the exhaustive front's, and share of the {results['true_front']} true "
+        f"Pareto points found; median over {results['seeds']} seeds ({results['configurations']} configurations).",
+        "",
+        "| sampler | " + " | ".join(f"N={n} HV | N={n} front" for n in budgets) + " |",
+        "| --- |" + " --- | --- |" * len(budgets),
+    ]
+    for name, per_budget in results["samplers"].items():
+        cells = [
+            f"{per_budget[n]['hv_ratio_median']:.4f} | {per_budget[n]['pareto_share_median']:.0%}" for n in budgets
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    default = results["samplers"]["auto"]
+    for n in budgets:
+        tests = ", ".join(f"p = {v:.2g} against {k[5:]}" for k, v in default[n].items() if k.startswith("p_vs_"))
+        lines.append(f"- N={n}: auto runs {default[n]['sampler']}; one-sided Mann-Whitney: {tests}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m search.efficiency: rebuild the shipped table (about an hour)
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    run_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/efficiency-lenet300")
+    build_table(run_dir, TABLE_PATH, TABLE_PATH.parent)

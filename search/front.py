@@ -1,0 +1,85 @@
+"""The front in the baseline's units: feasibility, hypervolume, and which model to ship.
+
+Every objective is turned into a baseline-relative quantity to minimise: accuracy into the
+accuracy drop, size and latency into ratios to the baseline's. The hypervolume is measured
+against a fixed reference point in those units, so it is comparable across the trials of a
+study, across studies of one workload, and against an exhaustively evaluated table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from optuna._hypervolume import compute_hypervolume  # pinned with optuna (<6)
+
+# A point counts toward the hypervolume only if it is better than all of these: at most 10
+# points less accurate, smaller than the baseline, and at most 1.5x its latency.
+REFERENCE = {"accuracy": 0.10, "size_bytes": 1.0, "latency_ms": 1.5}
+
+
+def relative(values: Mapping[str, float], baseline: Mapping[str, float], objectives: Sequence[str]) -> np.ndarray:
+    """The objectives of one point as baseline-relative quantities to minimise."""
+    out = []
+    for name in objectives:
+        if name == "accuracy":
+            out.append(baseline["accuracy"] - values["accuracy"])
+        else:
+            out.append(values[name] / baseline[name])
+    return np.asarray(out, dtype=float)
+
+
+def hypervolume(
+    points: Sequence[Mapping[str, float]], baseline: Mapping[str, float], objectives: Sequence[str]
+) -> float:
+    """Hypervolume of `points` (dicts holding every objective) against REFERENCE."""
+    reference = np.asarray([REFERENCE[name] for name in objectives], dtype=float)
+    if not points:
+        return 0.0
+    values = np.stack([relative(p, baseline, objectives) for p in points])
+    values = values[np.all(values < reference, axis=1)]
+    if len(values) == 0:
+        return 0.0
+    return float(compute_hypervolume(values, reference))
+
+
+def violation(constraints: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+    """How far a trial is from feasible, in baseline units (0 when feasible)."""
+    total = 0.0
+    for key, value in constraints.items():
+        if value > 0:
+            total += value if key == "accuracy_drop" else value / baseline[key]
+    return total
+
+
+def knee(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], objectives: Sequence[str]) -> Mapping:
+    """The point closest to the ideal one, with each objective scaled to [0, 1] over `rows`."""
+    values = np.stack([relative(r, baseline, objectives) for r in rows])
+    span = values.max(axis=0) - values.min(axis=0)
+    scaled = (values - values.min(axis=0)) / np.where(span > 0, span, 1.0)
+    return rows[int(np.argmin(np.linalg.norm(scaled, axis=1)))]
+
+
+def recommend(
+    front: Sequence[Mapping[str, Any]],
+    baseline: Mapping[str, float],
+    objectives: Sequence[str],
+    max_accuracy_drop: float | None,
+) -> tuple[Mapping[str, Any] | None, str]:
+    """The configuration to ship among the (feasible) Pareto rows, and the rule that chose it.
+
+    With an accuracy limit: the smallest model whose validation drop is within it. Without
+    one, or when no model is within it: the knee of the front.
+    """
+    if not front:
+        return None, "no Pareto-optimal trial to recommend"
+    if max_accuracy_drop is not None and "size_bytes" in front[0]:
+        within = [r for r in front if baseline["accuracy"] - r["accuracy"] <= max_accuracy_drop + 1e-12]
+        if within:
+            best = min(within, key=lambda r: (r["size_bytes"], -r["accuracy"]))
+            return best, (
+                f"the smallest model within the accuracy limit (validation drop <= {100 * max_accuracy_drop:.2f} pt)"
+            )
+    return knee(front, baseline, objectives), (
+        "the knee of the front: the point closest to the ideal one, each objective scaled to [0, 1] over the front"
+    )

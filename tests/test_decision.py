@@ -1,0 +1,211 @@
+"""Constraints, hypervolume, samplers, the decision report and the efficiency benchmark."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search import front
+from search.cli import main
+from search.config import ConfigError, parse_config
+from search.efficiency import TABLE_PATH, Table, grid_configs, replay
+from search.study import resolve_sampler
+from search.tracking import sqlite_uri
+from tests.conftest import ROOT, needs_fashion_mnist
+from tests.test_search import SMOKE, load_study, runs_of
+
+BASELINE = {"accuracy": 0.90, "size_bytes": 1000.0, "latency_ms": 2.0}
+OBJECTIVES = ("accuracy", "size_bytes", "latency_ms")
+
+
+def point(drop, size_ratio, latency_ratio):
+    return {"accuracy": 0.90 - drop, "size_bytes": 1000.0 * size_ratio, "latency_ms": 2.0 * latency_ratio}
+
+
+def test_hypervolume_is_the_box_to_the_reference_point():
+    ref = front.REFERENCE
+    single = front.hypervolume([point(0.0, 0.5, 0.75)], BASELINE, OBJECTIVES)
+    assert single == pytest.approx(ref["accuracy"] * (ref["size_bytes"] - 0.5) * (ref["latency_ms"] - 0.75))
+    # a dominated point adds nothing; a point beyond the reference counts nothing
+    assert front.hypervolume([point(0.0, 0.5, 0.75), point(0.02, 0.6, 0.8)], BASELINE, OBJECTIVES) == single
+    assert front.hypervolume([point(0.0, 1.2, 0.5)], BASELINE, OBJECTIVES) == 0.0
+    assert front.hypervolume([point(0.0, 0.5, 0.75), point(0.0, 0.4, 1.0)], BASELINE, OBJECTIVES) > single
+
+
+def test_recommendation_is_the_smallest_within_the_limit_else_the_knee():
+    rows = [dict(point(0.002, 0.30, 1.0), trial=0), dict(point(0.008, 0.10, 1.0), trial=1),
+            dict(point(0.03, 0.02, 0.5), trial=2)]  # fmt: skip
+    pick, rule = front.recommend(rows, BASELINE, OBJECTIVES, max_accuracy_drop=0.01)
+    assert pick["trial"] == 1 and "smallest" in rule
+    pick, rule = front.recommend(rows, BASELINE, OBJECTIVES, max_accuracy_drop=0.001)
+    assert "knee" in rule and pick in rows
+    pick, rule = front.recommend(rows, BASELINE, OBJECTIVES, max_accuracy_drop=None)
+    assert "knee" in rule
+    assert front.recommend([], BASELINE, OBJECTIVES, 0.01)[0] is None
+
+
+@pytest.mark.parametrize(
+    "constraints, key",
+    [({"max_accuracy_drop": 1.0}, "max_accuracy_drop"), ({"max_accuracy_drop": -0.1}, "max_accuracy_drop"),
+     ({"max_size_bytes": 0}, "max_size_bytes"), ({"max_latency_ms": 0}, "max_latency_ms"),
+     ({"max_size": 5}, "max_size")],
+)  # fmt: skip
+def test_bad_constraints_name_the_key(constraints, key):
+    with pytest.raises(ConfigError, match=key):
+        parse_config({"name": "x", "constraints": constraints})
+
+
+# ------------------------------------------------------------ the shipped table
+
+
+def test_the_shipped_table_covers_its_grid():
+    table = Table.load(TABLE_PATH)
+    assert len(table.rows) == len(grid_configs()) >= 200
+    assert {table.key(row["params"]) for row in table.rows} == {table.key(p) for p in grid_configs()}
+    assert table.front and table.front <= set(table.complete)
+    # the exhaustive front is non-dominated, and evaluating everything gives its whole hypervolume
+    assert table.hypervolume(range(len(table.rows))) == pytest.approx(table.exhaustive_hv)
+    assert table.hypervolume(table.front) == pytest.approx(table.exhaustive_hv)
+
+
+@pytest.mark.parametrize("sampler", ["auto", "tpe", "gp", "nsga2", "random", "grid"])
+def test_every_sampler_searches_the_same_conditional_space(sampler):
+    table = Table.load(TABLE_PATH)
+    visited = replay(table, sampler, seed=0, n_trials=8)
+    assert len(visited) == 8
+    # the anchors come first, whatever the sampler
+    assert len(set(visited[:5])) == 5
+    assert 0 < table.hypervolume(visited) <= table.exhaustive_hv
+    assert resolve_sampler("auto", 10) in ("gp", "tpe") and resolve_sampler(sampler, 10) != "auto"
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def constrained_run(tmp_path_factory):
+    """A smoke search with a 2-point accuracy limit: (run_dir, printed output)."""
+    run_dir = tmp_path_factory.mktemp("constrained") / "run"
+    args = ["run", SMOKE, "--n-trials", "8", "--run-dir", str(run_dir), "--set", "constraints.max_accuracy_drop=0.02"]
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setenv("AUTOCOMPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        assert main(args) == 0
+    return run_dir, out.getvalue()
+
+
+@needs_fashion_mnist
+def test_constrained_search_recommends_a_feasible_model_and_reports_it(constrained_run, tmp_path):
+    run_dir, printed = constrained_run
+    assert "recommended: trial" in printed
+
+    study = load_study(run_dir)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert done and all("accuracy_drop" in t.constraints for t in done)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["pareto"], "no feasible trial in a smoke run with a 2-point limit"
+    for row in summary["pareto"]:  # the recommended set is feasible on val
+        assert summary["baseline"]["accuracy"] - row["accuracy"] <= 0.02 + 1e-12
+    pick = summary["recommended"]
+    within = [r for r in summary["pareto"] if summary["baseline"]["accuracy"] - r["accuracy"] <= 0.02 + 1e-12]
+    assert pick["size_bytes"] == min(r["size_bytes"] for r in within)
+
+    page = (run_dir / "report.html").read_text()
+    for section in ("Recommendation", "Pareto front", "Failures by reason", "Hypervolume"):
+        assert f"<h2>{section}</h2>" in page
+    assert f"Ship trial {pick['trial']}" in page and page.count("data:image/png;base64,") == 2
+    assert not re.search(r"(src|href)=\"(http|/)", page)  # self-contained
+
+    parents, children = runs_of(run_dir)
+    client = MlflowClient(sqlite_uri(run_dir))
+    history = client.get_metric_history(parents[0].info.run_id, "hypervolume")
+    assert [m.step for m in history] == list(range(1, 9))
+    values = [m.value for m in history]
+    assert all(b >= a for a, b in zip(values, values[1:])) and all(math.isfinite(v) for v in values)
+    assert "report.html" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    versions = client.search_model_versions("name = 'smoke'")
+    assert len(versions) == 1 and versions[0].run_id == pick["mlflow_run_id"]
+    files = {a.path for a in client.list_artifacts(pick["mlflow_run_id"], "model")}
+    assert {"model/model.onnx", "model/weights.acw", "model/model.json", "model/state_dict.npz"} <= files
+    state = np.load(client.download_artifacts(pick["mlflow_run_id"], "model/state_dict.npz", str(tmp_path)))
+    assert state.files  # a plain array archive: np.load refuses pickles by default
+
+    # the report can be written again from the run directory; registering twice adds nothing
+    assert main(["report", "--run-dir", str(run_dir)]) == 0
+    assert len(client.search_model_versions("name = 'smoke'")) == 1
+
+
+@needs_fashion_mnist
+def test_the_mlflow_server_shows_the_decision(constrained_run):
+    """Through MLflow's REST API, as the UI and remote clients see it."""
+    run_dir, _ = constrained_run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "ui", "--run-dir", str(run_dir), "--port", str(port)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def call(path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                experiment = call("/experiments/get-by-name?experiment_name=smoke")["experiment"]
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline and server.poll() is None, "the MLflow server did not start"
+                time.sleep(0.5)
+        search = {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000}
+        parents = call("/runs/search", {**search, "filter": "tags.role = 'study'"})["runs"]
+        assert len(parents) == 1
+        parent = parents[0]["info"]["run_id"]
+        history = call(f"/metrics/get-history?run_id={parent}&metric_key=hypervolume")["metrics"]
+        assert len(history) == 8
+        pareto = call("/runs/search", {**search, "filter": "tags.pareto = 'true'"})["runs"]
+        assert pareto
+        for run in pareto:
+            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+            assert tags["mlflow.parentRunId"] == parent
+        artifacts = {f["path"] for f in call(f"/artifacts/list?run_id={parent}").get("files", [])}
+        assert "report.html" in artifacts
+        model = call("/registered-models/get?name=smoke")["registered_model"]
+        versions = model["latest_versions"]
+        assert versions and versions[0]["run_id"] in {r["info"]["run_id"] for r in pareto}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@needs_fashion_mnist
+def test_nothing_feasible_is_said_with_the_closest_candidates(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["run", SMOKE, "--n-trials", "3", "--run-dir", str(run_dir), "--set", "constraints.max_size_bytes=1000"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "no trial meets the constraints" in printed
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["pareto"] == [] and summary["recommended"] is None and summary["closest"]
+    violations = [r["violation"] for r in summary["closest"]]
+    assert violations == sorted(violations) and violations[0] > 0
+    assert "No trial meets the constraints" in (run_dir / "report.html").read_text()
