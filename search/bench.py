@@ -5,7 +5,10 @@ For each model, four studies run on the same workload and budget:
 - ``pruning``: structured + unstructured pruning, with a plain fine-tune (alpha 0, no teacher);
 - ``quantization``: weight and activation bits, with a plain quantization-aware fine-tune;
 - ``distillation``: a smaller student (structured width) trained against the teacher;
-- ``joint``: the experiment's whole search space.
+- ``joint``: the experiment's whole search space, widened to hold every single technique's
+  (alpha from 0, the plain fine-tune). It starts from the single techniques' best finalists
+  (the best ratio and speedups within the accuracy limit, re-evaluated as its first trials)
+  and then runs its own `n_trials`: the joint front starts where the single ones ended.
 
 Every figure comes from the Pareto finalists, rebuilt and scored once on the test split:
 the best compression ratio and the best speedups within a 1.0-point test-accuracy drop.
@@ -19,6 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from search.anchors import OFF
 from search.config import Config, load_config, parse_config
 from search.study import prepare, run_search
 
@@ -52,6 +56,10 @@ def technique_config(base: Config, model: str, technique: str) -> Config:
     if "distillation.epochs" in space:
         space["distillation.epochs"] = [0, FINETUNE_EPOCHS]
     space.update(fixed)
+    if technique == "joint":  # the union of the single techniques' spaces
+        for key, floor in (("distillation.alpha", 0.0), ("distillation.temperature", 1.0)):
+            if isinstance(space.get(key), list):
+                space[key] = [floor, space[key][1]]
     raw = base.to_dict()
     raw["name"] = f"bench-{model}-{technique}"
     raw["search_space"] = space
@@ -68,6 +76,25 @@ def best_within(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
             "test_accuracy_drop": row["test_accuracy_drop"], "size_bytes": row.get("size_bytes")}  # fmt: skip
 
 
+def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finalists that are best within the accuracy limit on some reported axis."""
+    picks = [best_within(rows, key) for key in ("compression_ratio", "final_speedup", "final_speedup_b64")]
+    chosen = {p["trial"] for p in picks if p}
+    return [r for r in rows if r["trial"] in chosen]
+
+
+def seed_joint(study: Any, seeds: dict[tuple, str]) -> int:
+    """Enqueue the single techniques' best parameters into a new joint study. Returns how many
+    trials they take (also when resuming, so the joint study's own budget stays n_trials)."""
+    seeded = [t for t in study.trials if "seeded_from" in t.user_attrs]
+    if seeded or any(t.state.is_finished() and "anchor" not in t.user_attrs for t in study.trials):
+        return len(seeded)
+    for params, origin in seeds.items():
+        # a technique the single study did not search is off in its seed
+        study.enqueue_trial({**OFF, **dict(params)}, user_attrs={"seeded_from": origin})
+    return len(seeds)
+
+
 def run_bench(
     out: Path,
     models: list[str],
@@ -80,11 +107,18 @@ def run_bench(
     for model in models:
         base = load_config(experiments_dir / EXPERIMENTS[model], list(overrides))
         entry: dict[str, Any] = {"deep_compression_ratio": DEEP_COMPRESSION[model], "techniques": {}}
+        seeds: dict[tuple, str] = {}  # the single techniques' best parameters → where they came from
         for technique in TECHNIQUES:
             config = technique_config(base, model, technique)
             progress(f"bench {model} / {technique}: {n_trials} trials")
             with prepare(config, out / config.name, progress=progress) as prepared:
-                result = run_search(prepared, n_trials)
+                target = n_trials
+                if technique == "joint":
+                    target += seed_joint(prepared.study, seeds)
+                result = run_search(prepared, target)
+            for row in best_rows(result.pareto):
+                params = tuple(sorted((k, v) for k, v in row.items() if "." in k and not k.startswith("mlflow")))
+                seeds.setdefault(params, f"{technique} trial {row['trial']}")
             b = prepared.baseline
             entry["baseline"] = {
                 "size_bytes": b["size_bytes"],

@@ -46,3 +46,28 @@ def test_best_within_respects_the_accuracy_limit():
         }
     )
     assert "20.0x (trial 1, test acc -0.90 pt)" in table and "none within 1 pt" in table and "39x" in table
+
+
+def test_the_joint_study_starts_from_the_single_techniques_best_finalists():
+    import optuna
+
+    from search.bench import best_rows, seed_joint
+
+    rows = [
+        {"trial": 3, "pruning.structured_ratio": 0.5, "compression_ratio": 4.0, "final_speedup": 3.0,
+         "final_speedup_b64": 4.0, "test_accuracy": 0.9, "test_accuracy_drop": 0.005},
+        {"trial": 4, "pruning.structured_ratio": 0.7, "compression_ratio": 9.0, "final_speedup": 5.0,
+         "final_speedup_b64": 6.0, "test_accuracy": 0.8, "test_accuracy_drop": 0.1},
+    ]  # fmt: skip
+    assert [r["trial"] for r in best_rows(rows)] == [3]  # trial 4 is outside the accuracy limit
+    joint = load_config(ROOT / "experiments" / "fmnist_cnn.yaml")
+    config = technique_config(joint, "lenet5", "joint")
+    assert config.search_space["distillation.alpha"][0] == 0.0  # holds the plain fine-tune of the singles
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    seeds = {(("pruning.structured_ratio", 0.5),): "pruning trial 3"}
+    assert seed_joint(study, seeds) == 1
+    assert seed_joint(study, seeds) == 1  # resuming does not enqueue again
+    (trial,) = study.trials
+    assert trial.user_attrs["seeded_from"] == "pruning trial 3"
+    params = study.get_trials()[0].system_attrs["fixed_params"]
+    assert params["pruning.structured_ratio"] == 0.5 and params["quantization.weight_bits"] == 32
