@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    if args.command in ("run", "worker"):
+    if args.command in ("run", "worker", "bench"):
         from search.control import handle_termination
 
         handle_termination()
