@@ -2,8 +2,8 @@
 
 Each trial's `model.onnx` and the baseline's are loaded into fresh ONNX Runtime sessions,
 outside the search process, and timed interleaved. A trial whose recorded gain its file does
-not reproduce within the tolerance is reported: the search would have measured something
-other than what is deployed.
+not reproduce within the tolerance is reported: the search would have claimed more than what
+is deployed delivers. A file faster alone than recorded is no false claim, and passes.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from strategies.runtime import ONNX_NAME, ort_session
 def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) -> list[dict[str, Any]]:
     """One row per COMPLETE trial and batch size: recorded speedup, standalone speedup, verdict.
 
-    A recorded speedup counts as reproduced when the standalone one is within `tolerance`
-    (relative) of it, or within the larger of the two measurements' spreads.
+    A recorded speedup counts as reproduced when the standalone one is at least as large, less
+    `tolerance` (relative) or the largest of the measurements' spreads, whichever is wider.
     """
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).exists():
@@ -61,7 +61,7 @@ def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) 
                     "batch_size": batch_size,
                     "recorded_speedup": recorded,
                     "standalone_speedup": alone,
-                    "reproduced": abs(math.log(alone / recorded)) <= math.log1p(allowed),
+                    "reproduced": math.log(alone / recorded) >= -math.log1p(allowed),
                 }
             )
     return rows
