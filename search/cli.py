@@ -172,6 +172,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         r = result.recommended
         print(f"recommended: trial {r['trial']}, {result.rule}")
         print(f"  {_describe(r)}")
+        tags = prepared.tracker.client.get_run(prepared.parent_run_id).data.tags
+        if "registered_model" in tags:
+            print(f"  registered in the MLflow Model Registry as {tags['registered_model']}")
         print()
     print(f"results: {result.table_path}  plot: {result.plot_path}  ({time.perf_counter() - started:.0f}s)")
     print(f"review in the MLflow UI: autocompress ui --run-dir {run_dir}")

@@ -69,7 +69,12 @@ def write_plot(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
         def ys(group):
             return [r["accuracy"] for r in group if key in r]
 
-        ax.scatter(xs(done), ys(done), s=18, c="0.6", label="trials")
+        feasible = [r for r in done if r.get("feasible", True)]
+        infeasible = [r for r in done if not r.get("feasible", True)]
+        ax.scatter(xs(feasible), ys(feasible), s=18, c="0.6", label="trials")
+        if infeasible:
+            ax.scatter(xs(infeasible), ys(infeasible), s=18, facecolors="none", edgecolors="0.6",
+                       label="outside the constraints")  # fmt: skip
         ax.scatter(xs(front), ys(front), s=36, c="tab:red", label="Pareto-optimal")
         if key in baseline:
             ax.scatter([baseline[key] * scale], [baseline["accuracy"]], marker="*", s=160, c="k", label="baseline")
