@@ -59,6 +59,14 @@ def _load(args: argparse.Namespace):
     return config, n_trials, run_dir
 
 
+def _prepare(args: argparse.Namespace, config, run_dir: Path, n_trials: int, **kwargs):
+    """`prepare` with the storage and tracking flags that `run` and `worker` share."""
+    from search.study import prepare
+
+    return prepare(config, run_dir, progress=logger.info, storage_url=args.storage,
+                   tracking_uri=args.tracking_uri, n_trials=n_trials, **kwargs)  # fmt: skip
+
+
 def _trial_reporter(n_trials: int):
     from search.study import finished_trials
 
@@ -115,22 +123,13 @@ def _spawn_workers(args: argparse.Namespace, run_dir: Path, n_trials: int) -> No
 
 def cmd_run(args: argparse.Namespace) -> int:
     from search.report import FINAL_COLUMNS, format_table
-    from search.study import prepare, run_search, summarize
+    from search.study import run_search, summarize
 
     config, n_trials, run_dir = _load(args)
     if args.workers < 1:
         raise _usage(f"--workers must be >= 1, got {args.workers}")
     started = time.perf_counter()
-    prepared = prepare(
-        config,
-        run_dir,
-        progress=logger.info,
-        storage_url=args.storage,
-        tracking_uri=args.tracking_uri,
-        fresh=args.fresh,
-        n_trials=n_trials,
-    )
-    with prepared:
+    with _prepare(args, config, run_dir, n_trials, fresh=args.fresh) as prepared:
         baseline = prepared.baseline
         if args.workers > 1:
             logger.info("starting %d workers on study %r", args.workers, config.name)
@@ -172,9 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         r = result.recommended
         print(f"recommended: trial {r['trial']}, {result.rule}")
         print(f"  {_describe(r)}")
-        tags = prepared.tracker.client.get_run(prepared.parent_run_id).data.tags
-        if "registered_model" in tags:
-            print(f"  registered in the MLflow Model Registry as {tags['registered_model']}")
+        if result.registered_model:
+            print(f"  registered in the MLflow Model Registry as {result.registered_model}")
         print()
     print(f"results: {result.table_path}  plot: {result.plot_path}  ({time.perf_counter() - started:.0f}s)")
     print(f"review in the MLflow UI: autocompress ui --run-dir {run_dir}")
@@ -196,7 +194,7 @@ def _describe(row) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from search.study import prepare, run_trials
+    from search.study import run_trials
 
     config, n_trials, run_dir = _load(args)
     threads = os.environ.get("AUTOCOMPRESS_THREADS")
@@ -204,15 +202,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(int(threads))
-    prepared = prepare(
-        config,
-        run_dir,
-        progress=logger.info,
-        storage_url=args.storage,
-        tracking_uri=args.tracking_uri,
-        driver=False,
-        n_trials=n_trials,
-    )
+    prepared = _prepare(args, config, run_dir, n_trials, driver=False)
     ran = run_trials(prepared, n_trials, on_trial=_trial_reporter(n_trials))
     logger.info("worker %d: ran %d trials; the study has reached its target of %d", os.getpid(), ran, n_trials)
     return EXIT_OK
@@ -228,21 +218,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import json
-
     from search import decision
-    from search.config import ConfigError, parse_config
-    from search.study import CONFIG_FILE, open_study
-    from search.tracking import Tracker, sqlite_uri
+    from search.study import load_run_config, open_study
+    from search.tracking import Tracker
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / CONFIG_FILE).exists():
-        raise ConfigError(f"--run-dir {run_dir} holds no study (no {CONFIG_FILE}); run a search there first")
-    config = parse_config(json.loads((run_dir / CONFIG_FILE).read_text()))
+    config = load_run_config(run_dir)
     summary = decision.load_summary(run_dir)
     study = open_study(run_dir, config, create=False)
     path = decision.write_report(run_dir, study)
-    tracker = Tracker(sqlite_uri(run_dir), config.name, artifact_dir=run_dir / "mlartifacts")
+    tracker = Tracker.for_run_dir(run_dir, config.name)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         tracker.log_artifact(parent, path)

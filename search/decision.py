@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
+PLOT_FILE = "pareto.png"
 STATE_DICT_FILE = "state_dict.npz"
 
 
@@ -98,8 +99,8 @@ def write_report(run_dir: Path, study: optuna.Study) -> Path:
     rows = trial_rows(study, baseline)
     history = hypervolume_history(study.trials, baseline, objectives)
     failures = failures_by_reason(study.trials)
+    plot = _image(write_plot(rows, baseline, run_dir / PLOT_FILE))
     with tempfile.TemporaryDirectory() as tmp:
-        plot = _image(write_plot(rows, baseline, Path(tmp) / "pareto.png"))
         curve = _image(_history_plot(history, Path(tmp) / "hypervolume.png")) if history else ""
 
     parts = [f"<h1>autocompress: {html.escape(summary['study'])}</h1>"]

@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 from torch import nn
 
 from experiments.workloads import model_factory
-from search.config import ConfigError, parse_config
-from search.study import CONFIG_FILE, open_study
+from search.config import ConfigError
+from search.study import load_run_config, open_study
 from strategies.artifact import load_artifact
 from strategies.runtime import ARTIFACT_NAME, ONNX_NAME
 
@@ -31,9 +31,7 @@ SPEC_NAME = "model.json"
 def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
     """Write the package of one COMPLETE trial to `out` (which must not hold files yet)."""
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / CONFIG_FILE).exists():
-        raise ConfigError(f"--run-dir {run_dir} holds no study (no {CONFIG_FILE}); run a search there first")
-    config = parse_config(json.loads((run_dir / CONFIG_FILE).read_text()))
+    config = load_run_config(run_dir)
     study = open_study(run_dir, config)
     complete = {t.number: t for t in study.trials if t.state == TrialState.COMPLETE}
     if trial_number not in complete:

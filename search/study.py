@@ -34,8 +34,8 @@ from objectives.latency import LatencyMs
 from objectives.registry import get_objective
 from search.anchors import enqueue_anchors
 from search import control, front
-from search.config import SAMPLERS, Config, ConfigError
-from search.tracking import Tracker, sqlite_uri
+from search.config import SAMPLERS, Config, ConfigError, parse_config
+from search.tracking import Tracker
 from strategies import pipeline
 from strategies.artifact import load_artifact, save_artifact
 from strategies.base import ChoiceParam, CompressionError, Context, IntParam, Param, Strategy
@@ -110,9 +110,16 @@ class SearchResult:
     rule: str = ""
     closest: list[dict[str, Any]] = field(default_factory=list)  # set when nothing is feasible
     report_path: Path | None = None
+    registered_model: str | None = None  # "name/version" in the MLflow Model Registry
 
 
 # ----------------------------------------------------------------------- setup
+
+
+def _differing(stored: dict[str, Any], config: Config) -> list[str]:
+    """The top-level config sections in which `stored` differs from `config`'s identity."""
+    identity = config.identity()
+    return sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
 
 
 def check_run_dir(config: Config, run_dir: Path) -> None:
@@ -120,13 +127,20 @@ def check_run_dir(config: Config, run_dir: Path) -> None:
     path = run_dir / CONFIG_FILE
     if not path.exists():
         return
-    stored = json.loads(path.read_text())
-    if stored != config.identity():
-        differing = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
+    differing = _differing(json.loads(path.read_text()), config)
+    if differing:
         raise ConfigError(
             f"run directory {run_dir} holds a study of a different config (differs in {differing}); "
             "use another --run-dir, or remove that directory to start fresh"
         )
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The config of the study a run directory holds."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"--run-dir {run_dir} holds no study (no {CONFIG_FILE}); run a search there first")
+    return parse_config(json.loads(path.read_text()))
 
 
 # `auto` resolves by the trial budget to the sampler measured best at that budget with
@@ -211,8 +225,7 @@ def _check_study_config(study: optuna.Study, config: Config) -> None:
     stored = study.user_attrs.get("config")
     if stored is None:
         study.set_user_attr("config", config.identity())
-    elif stored != config.identity():
-        differing = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
+    elif differing := _differing(stored, config):
         raise ConfigError(f"study {config.name!r} was created by a different config (differs in {differing})")
 
 
@@ -280,15 +293,9 @@ def prepare(
     `--workers N`) joins the driver's study and only runs trials.
     """
     strategies, objectives = validate(config)
-    limits = config.constraints.limits()
-    needed = {
-        "accuracy": "accuracy_drop" in limits,
-        "size_bytes": "size_bytes" in limits,
-        "latency_ms": "latency_ms" in limits,
-    }
-    measured = objectives + [
-        get_objective(n)() for n, need in needed.items() if need and n not in config.search.objectives
-    ]
+    # Constraints may limit figures the search does not optimise: measure those too.
+    needed = {"accuracy" if key == "accuracy_drop" else key for key in config.constraints.limits()}
+    measured = objectives + [get_objective(n)() for n in sorted(needed - set(config.search.objectives))]
     database = control.open_storage(run_dir, storage_url) if storage_url else None  # reachable? say so now
     w = config.workload
     try:
@@ -356,10 +363,7 @@ def prepare(
     baseline = _measure(deployable, all_objectives, eval_context, workload.example_inputs)
     eval_context.reference_run = deployable.run  # every trial is timed interleaved with it
 
-    if tracking_uri:
-        tracker = Tracker(tracking_uri, config.name)
-    else:
-        tracker = Tracker(sqlite_uri(run_dir), config.name, artifact_dir=run_dir / "mlartifacts")
+    tracker = Tracker.for_run_dir(run_dir, config.name, tracking_uri)
     with control.study_lock(study, run_dir):
         # A driver of a journal holds the run directory's lock: every RUNNING trial is an orphan.
         retried = control.recover(study, tracker, local=driver and storage_url is None)
@@ -538,11 +542,13 @@ def _log_hypervolume(p: Prepared) -> None:
     )
 
 
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
 def feasible_points(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, float]]:
     """The measured figures of every COMPLETE trial that meets every constraint."""
-    return [
-        t.user_attrs for t in trials if t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values())
-    ]
+    return [t.user_attrs for t in trials if t.state == TrialState.COMPLETE and feasible(t)]
 
 
 def run_search(
@@ -580,7 +586,7 @@ def trial_rows(study: optuna.Study, baseline: dict[str, float]) -> list[dict[str
         row.update({k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         row["anchor"] = t.user_attrs.get("anchor", "")
         if t.constraints:
-            row["feasible"] = all(v <= 0 for v in t.constraints.values())
+            row["feasible"] = feasible(t)
             row["violation"] = front.violation(t.constraints, baseline)
         row["fail_reason"] = t.user_attrs.get("fail_reason", "")
         row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id", "")
@@ -625,7 +631,7 @@ def finalize(p: Prepared, pareto: list[dict[str, Any]]) -> dict[str, float]:
 
 def summarize(p: Prepared) -> SearchResult:
     from search import decision
-    from search.report import write_plot, write_table
+    from search.report import write_table
 
     rows = trial_rows(p.study, p.baseline)
     pareto = [r for r in rows if r["pareto"]]
@@ -640,9 +646,7 @@ def summarize(p: Prepared) -> SearchResult:
     table = write_table(rows, p.run_dir / "results.csv")
     if pareto:
         p.tracker.log_artifact(p.parent_run_id, write_table(pareto, p.run_dir / "finalists.csv"))
-    plot = write_plot(rows, p.baseline, p.run_dir / "pareto.png")
     p.tracker.log_artifact(p.parent_run_id, table)
-    p.tracker.log_artifact(p.parent_run_id, plot)
     recommended, rule = front.recommend(pareto, p.baseline, p.config.search.objectives,
                                         p.config.constraints.max_accuracy_drop)  # fmt: skip
     tags = {"pareto_trials": ",".join(str(r["trial"]) for r in pareto), "recommendation_rule": rule}
@@ -659,12 +663,15 @@ def summarize(p: Prepared) -> SearchResult:
         "constraints": p.config.constraints.limits(), "pareto": pareto, "recommended": recommended,
         "rule": rule, "closest": closest,
     })  # fmt: skip
-    report = decision.write_report(p.run_dir, p.study)
-    p.tracker.log_artifact(p.parent_run_id, report)
+    report = decision.write_report(p.run_dir, p.study)  # draws the Pareto plot too
+    plot = p.run_dir / decision.PLOT_FILE
+    for path in (plot, report):
+        p.tracker.log_artifact(p.parent_run_id, path)
     version = decision.register(p.run_dir, p.tracker, p.config.name)
-    if version is not None:
-        p.tracker.set_tag(p.parent_run_id, "registered_model", f"{p.config.name}/{version}")
-    return SearchResult(p, pareto, rows, table, plot, recommended, rule, closest, report)
+    registered = f"{p.config.name}/{version}" if version is not None else None
+    if registered:
+        p.tracker.set_tag(p.parent_run_id, "registered_model", registered)
+    return SearchResult(p, pareto, rows, table, plot, recommended, rule, closest, report, registered)
 
 
 def closest_infeasible(rows: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]:

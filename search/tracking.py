@@ -46,6 +46,13 @@ class Tracker:
         else:
             self.experiment_id = experiment.experiment_id
 
+    @classmethod
+    def for_run_dir(cls, run_dir: Path, experiment_name: str, tracking_uri: str | None = None) -> Tracker:
+        """A tracking server or database if given, else the run directory's own store."""
+        if tracking_uri:
+            return cls(tracking_uri, experiment_name)
+        return cls(sqlite_uri(run_dir), experiment_name, artifact_dir=run_dir / "mlartifacts")
+
     # -------------------------------------------------------------------- runs
 
     def start_parent(self, run_id: str | None, name: str) -> str:

@@ -8,7 +8,6 @@ is deployed delivers. A file faster alone than recorded is no false claim, and p
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from objectives.latency import latency_batch, time_interleaved
-from search.config import ConfigError, parse_config
-from search.study import CONFIG_FILE, open_study
+from search.study import load_run_config, open_study
 from strategies.runtime import ONNX_NAME, ort_session
 
 
@@ -29,9 +27,7 @@ def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) 
     `tolerance` (relative) or the largest of the measurements' spreads, whichever is wider.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).exists():
-        raise ConfigError(f"--run-dir {run_dir} holds no study (no {CONFIG_FILE}); run a search there first")
-    config = parse_config(json.loads((run_dir / CONFIG_FILE).read_text()))
+    config = load_run_config(run_dir)
     lat = config.latency
     baseline = ort_session(run_dir / "baseline" / ONNX_NAME, lat.threads)
     example = torch.zeros(1, *_input_shape(baseline))
