@@ -85,7 +85,7 @@ def _trial_reporter(n_trials: int):
                 attrs.get("trial_seconds", float("nan")),
             )
         else:
-            logger.info("%s %s  %s", done, trial.state.name, attrs.get("fail_reason", ""))
+            logger.info("%s %s  %s", done, trial.state.name, attrs.get("fail_reason") or attrs.get("stop_reason", ""))
 
     return on_trial
 

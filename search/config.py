@@ -53,6 +53,11 @@ class SearchSection:
     # than this fraction of validation samples: the deployed model would not be the one measured.
     max_runtime_disagreement: float = 0.005
     trial_timeout: float = 0.0  # seconds; a trial that runs longer fails with that reason (0: no limit)
+    # Cheap-then-full: a trial that fine-tunes two or more epochs is scored on a val subset
+    # after its first. More than early_stop_margin below a feasible trial that is no larger
+    # and no slower, it stops there as PRUNED (search.study.early_stop_check).
+    early_stop: bool = True
+    early_stop_margin: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"latency.max_spread must be > 0, got {lat.max_spread}")
     if not 0.0 <= s.max_runtime_disagreement <= 1.0:
         raise ConfigError(f"search.max_runtime_disagreement must be in [0, 1], got {s.max_runtime_disagreement}")
+    if not 0.0 <= s.early_stop_margin <= 1.0:
+        raise ConfigError(f"search.early_stop_margin must be in [0, 1], got {s.early_stop_margin}")
     if not s.trial_timeout >= 0:
         raise ConfigError(f"search.trial_timeout must be >= 0 seconds (0: no limit), got {s.trial_timeout}")
     if s.sampler not in SAMPLERS:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -54,6 +55,16 @@ class OutOfMemory(CompressionError):
 
 # Failures that belong to one candidate. Anything else is a bug and stops the run.
 TRIAL_FAILURES = (CompressionError, ObjectiveError, RuntimeMismatch)
+
+
+class StoppedEarly(optuna.TrialPruned):
+    """The first fine-tune epoch showed the candidate falling clearly short: the trial is PRUNED."""
+
+
+EARLY_STOP_VAL = 2000  # validation samples the after-first-epoch check scores
+# How much larger or slower than the probe a neighbour may be: a fine-tuned model packs a few
+# bytes differently, and two latency measurements differ by their noise.
+EARLY_STOP_SLACK = 1.02
 
 
 def _as_trial_failure(error: BaseException) -> BaseException:
@@ -421,7 +432,7 @@ def prepare(
 def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
 
     def run_trial(trial: optuna.Trial) -> tuple[float, ...]:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         configs = pipeline.suggest(p.strategies, trial)
         tags = {"optuna.trial": trial.number, **({"anchor": a} if (a := trial.user_attrs.get("anchor")) else {})}
         run_id = p.tracker.start_child(p.parent_run_id, f"trial-{trial.number}", tags)
@@ -429,8 +440,9 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
         p.tracker.log(run_id, params=trial.params)
         try:
             with control.time_limit(p.config.search.trial_timeout):
+                context = dataclasses.replace(p.context, after_epoch=early_stop_check(p, trial, configs))
                 torch.manual_seed(p.config.seed + trial.number)
-                model = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, configs, p.context)
+                model = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, configs, context)
                 deployable = deploy(p.config, p.workload, model, p.run_dir / "trials" / f"{trial.number:04d}")
                 disagreement = 0.0
                 if deployable.onnx_path is not None:
@@ -452,6 +464,13 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
                 control.check_interrupted()
             for key, limit in p.config.constraints.limits().items():  # <= 0 is feasible
                 trial.set_constraint(key, metrics[key] - limit)
+        except StoppedEarly as stop:
+            trial.set_user_attr("stop_reason", str(stop))
+            trial.set_user_attr("cpu_seconds", time.process_time() - started_cpu)
+            p.tracker.log(run_id, tags={"state": "PRUNED", "stop_reason": str(stop)},
+                          metrics={k: trial.user_attrs[k] for k in ("early_accuracy", "cpu_seconds")})  # fmt: skip
+            p.tracker.end(run_id, "FINISHED")
+            raise
         except BaseException as error:
             error = _as_trial_failure(error)
             interrupted = isinstance(error, KeyboardInterrupt)
@@ -466,6 +485,7 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
             p.tracker.end(run_id, "KILLED" if interrupted else "FAILED")
             raise error
         metrics["trial_seconds"] = time.perf_counter() - started
+        metrics["cpu_seconds"] = time.process_time() - started_cpu  # this process, all its threads
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
         tags = {"state": "COMPLETE"}
@@ -477,6 +497,56 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
         return tuple(metrics[o.name] for o in p.objectives)
 
     return run_trial
+
+
+def early_stop_check(p: Prepared, trial: optuna.Trial, configs: dict) -> Callable[[torch.nn.Module, int], None]:
+    """The cheap-then-full evaluation: a check to run after each fine-tune epoch.
+
+    Only a trial that fine-tunes two or more epochs has something to save. Fine-tuning changes
+    neither the model's size nor its latency, so both are measured first on the same candidate
+    built without fine-tuning (a probe). The feasible completed trials that are no larger and
+    no slower (within EARLY_STOP_SLACK) are its neighbours on the front; after the first epoch, the candidate's accuracy
+    on EARLY_STOP_VAL validation samples must come within `early_stop_margin` of the best of
+    them, or the trial stops as PRUNED, with the reason.
+    """
+    s = p.config.search
+    distill = configs.get("distillation")
+    others = [o for o in p.objectives if o.name != "accuracy"]
+    if not s.early_stop or distill is None or distill.epochs < 2 or len(others) == len(p.objectives):
+        return p.context.after_epoch
+    done = [t for t in p.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and feasible(t)]
+    if not done:
+        return p.context.after_epoch
+    probe_configs = {**configs, "distillation": dataclasses.replace(distill, epochs=0)}
+    model = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, probe_configs, p.context)
+    probe: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="probe-", dir=p.run_dir) as tmp:
+        deployable = deploy(p.config, p.workload, model, Path(tmp))
+        for objective in others:
+            probe.update(objective.measure(deployable, p.eval_context))
+    for objective in others:
+        trial.set_user_attr(f"probe_{objective.name}", probe[objective.name])
+    neighbours = [t for t in done if all(t.user_attrs[o.name] <= probe[o.name] * EARLY_STOP_SLACK for o in others)]
+    if not neighbours:
+        return p.context.after_epoch
+    best = max(neighbours, key=lambda t: t.user_attrs["accuracy"])
+    n = min(EARLY_STOP_VAL, len(p.workload.val.x))
+
+    def check(model: torch.nn.Module, epoch: int) -> None:
+        p.context.after_epoch(model, epoch)
+        if epoch != 1:
+            return
+        accuracy = top1_accuracy(lambda x: _batched(model, x, 1000), p.workload.val.x[:n], p.workload.val.y[:n])
+        trial.set_user_attr("early_accuracy", accuracy)
+        short = best.user_attrs["accuracy"] - accuracy
+        if short > s.early_stop_margin:
+            raise StoppedEarly(
+                f"stopped early: after fine-tune epoch 1 of {distill.epochs}, accuracy {accuracy:.4f} on {n} "
+                f"validation samples is {short:.2%} below trial {best.number} ({best.user_attrs['accuracy']:.4f}), "
+                f"which is no larger and no slower (margin {s.early_stop_margin:.2%})"
+            )
+
+    return check
 
 
 def _noisy(metrics: dict[str, float], max_spread: float) -> bool:
@@ -516,6 +586,8 @@ def run_trials(
         try:
             with control.heartbeat(p.study, trial):
                 values = objective(trial)
+        except StoppedEarly:
+            p.study.tell(trial, state=TrialState.PRUNED)
         except TRIAL_FAILURES:
             p.study.tell(trial, state=TrialState.FAIL)
         except BaseException:
@@ -588,7 +660,7 @@ def trial_rows(study: optuna.Study, baseline: dict[str, float]) -> list[dict[str
         if t.constraints:
             row["feasible"] = feasible(t)
             row["violation"] = front.violation(t.constraints, baseline)
-        row["fail_reason"] = t.user_attrs.get("fail_reason", "")
+        row["fail_reason"] = t.user_attrs.get("fail_reason") or t.user_attrs.get("stop_reason", "")
         row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id", "")
         rows.append(row)
     return rows

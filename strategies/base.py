@@ -158,6 +158,9 @@ class Context:
     batch_size: int = 128
     # report(message) logs progress of long steps, e.g. each fine-tune epoch.
     report: Callable[[str], None] = field(default=lambda message: None)
+    # Called as after_epoch(model, epoch) after each fine-tune epoch, with the model in eval
+    # mode; it may raise to stop the trial (the search's cheap-then-full evaluation).
+    after_epoch: Callable[[nn.Module, int], None] = field(default=lambda model, epoch: None)
     # Set by the pipeline when the trial quantizes: fine-tuning runs inside
     # `with context.fake_quant(model):` so it trains against the quantized weights
     # (straight-through gradients) it will be deployed with.

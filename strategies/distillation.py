@@ -87,6 +87,7 @@ def distill_(
     seed: int = 0,
     fake_quant: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
     report: Callable[[str], None] = lambda message: None,
+    after_epoch: Callable[[nn.Module, int], None] = lambda model, epoch: None,
 ) -> list[float]:
     """Fine-tune `model` in place; returns the mean loss of each epoch."""
     if len(teacher_logits) != len(x):
@@ -117,6 +118,8 @@ def distill_(
                 total += loss.item() * len(idx)
             history.append(total / len(x))
             report(f"distillation epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f}")
+            model.eval()
+            after_epoch(model, epoch + 1)
     model.eval()
     for p in model.parameters():
         if not torch.isfinite(p).all():
@@ -161,5 +164,6 @@ class Distillation(Strategy):
             seed=context.seed,
             fake_quant=context.fake_quant,
             report=context.report,
+            after_epoch=context.after_epoch,
         )
         return model

@@ -238,3 +238,37 @@ def test_runtime_that_disagrees_with_the_simulation_fails_the_trial(tmp_path, mo
     trials = finished(run_dir)
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
     assert all("disagree on 2.00% of validation samples" in t.user_attrs["fail_reason"] for t in trials)
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_a_trial_far_below_its_neighbours_after_one_epoch_stops_early(tmp_path, monkeypatch, early_stop):
+    """Every trial is the same 8-bit model fine-tuned for 2 epochs, so trial 0 is no larger
+    than any later one; the check then scores each later trial 0 after its first epoch."""
+    import search.study
+
+    monkeypatch.setattr(search.study, "top1_accuracy", lambda *args, **kwargs: 0.0)
+    run_dir = tmp_path / "run"
+    space = (
+        "search_space={quantization.weight_bits: [8], quantization.activation_bits: [32], "
+        "distillation.epochs: 2, distillation.lr: 0.01, distillation.alpha: 0.5, distillation.temperature: 2.0}"
+    )
+    args = ["run", SMOKE, "--n-trials", "3", "--run-dir", str(run_dir), "--set", space,
+            "--set", "search.objectives=[accuracy, size_bytes]", "--set", f"search.early_stop={str(early_stop).lower()}"]  # fmt: skip
+    assert main(args) == 0
+    trials = finished(run_dir)
+    if not early_stop:
+        assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+        return
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "PRUNED"]
+    for t in trials[1:]:
+        assert t.user_attrs["probe_size_bytes"] == pytest.approx(trials[0].user_attrs["size_bytes"], rel=0.001)
+        assert t.user_attrs["early_accuracy"] == 0.0 and t.user_attrs["cpu_seconds"] > 0
+        reason = t.user_attrs["stop_reason"]
+        assert reason.startswith("stopped early: after fine-tune epoch 1 of 2") and "below trial 0" in reason
+    assert not list(run_dir.glob("probe-*"))  # the probes' files are gone
+    _, children = runs_of(run_dir)
+    pruned = [c for c in children if c.data.tags["state"] == "PRUNED"]
+    assert len(pruned) == 2 and all(c.info.status == "FINISHED" and "stop_reason" in c.data.tags for c in pruned)
+    assert main(args) == 0  # stopped trials count toward the target
+    assert len(finished(run_dir)) == 3
