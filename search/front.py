@@ -19,11 +19,18 @@ REFERENCE = {"accuracy": 0.10, "size_bytes": 1.0, "latency_ms": 1.5}
 
 
 def relative(values: Mapping[str, float], baseline: Mapping[str, float], objectives: Sequence[str]) -> np.ndarray:
-    """The objectives of one point as baseline-relative quantities to minimise."""
+    """The objectives of one point as baseline-relative quantities to minimise.
+
+    Latency is the inverse of the trial's own `speedup` where it has one: that ratio was timed
+    in alternation with the baseline in the same process, while `baseline["latency_ms"]` is
+    from whichever process computes this (a resumed study's, on a machine now busier or idler).
+    """
     out = []
     for name in objectives:
         if name == "accuracy":
             out.append(baseline["accuracy"] - values["accuracy"])
+        elif name == "latency_ms" and values.get("speedup"):
+            out.append(1.0 / values["speedup"])
         else:
             out.append(values[name] / baseline[name])
     return np.asarray(out, dtype=float)

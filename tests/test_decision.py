@@ -44,6 +44,14 @@ def test_hypervolume_is_the_box_to_the_reference_point():
     assert front.hypervolume([point(0.0, 0.5, 0.75), point(0.0, 0.4, 1.0)], BASELINE, OBJECTIVES) > single
 
 
+def test_latency_counts_as_the_trials_own_same_run_speedup():
+    timed = dict(point(0.0, 0.5, 0.75), speedup=2.0)  # its run timed it at half the baseline's latency
+    for baseline_latency in (1.0, 2.0, 4.0):  # whatever this process measured for the baseline
+        baseline = dict(BASELINE, latency_ms=baseline_latency)
+        assert front.relative(timed, baseline, OBJECTIVES)[2] == 0.5
+    assert front.relative(point(0.0, 0.5, 0.75), BASELINE, OBJECTIVES)[2] == 0.75  # no speedup: the ratio
+
+
 def test_recommendation_is_the_smallest_within_the_limit_else_the_knee():
     rows = [dict(point(0.002, 0.30, 1.0), trial=0), dict(point(0.008, 0.10, 1.0), trial=1),
             dict(point(0.03, 0.02, 0.5), trial=2)]  # fmt: skip
