@@ -132,7 +132,7 @@ def write_report(run_dir: Path, study: optuna.Study) -> Path:
         parts.append(plot + _table(summary["closest"], [*keys, "violation"]))
     else:
         parts.append("<p>No trial completed, so there is no front.</p>")
-    parts.append("<h2>Failures by reason</h2>")
+    parts.append("<h2>Failures by reason</h2>")  # trials stopped early are listed here too
     if failures:
         items = "".join(
             f"<li><b>{html.escape(kind)}</b>: {len(group)} trial{'s' * (len(group) > 1)} "
@@ -141,7 +141,7 @@ def write_report(run_dir: Path, study: optuna.Study) -> Path:
         )
         parts.append(f"<ul>{items}</ul>")
     else:
-        parts.append("<p>No trial failed.</p>")
+        parts.append("<p>No trial failed or stopped early.</p>")
     parts.append("<h2>Hypervolume</h2>")
     reference = ", ".join(f"{k} {v:g}" for k, v in front.REFERENCE.items() if k in objectives)
     parts.append(

@@ -267,6 +267,7 @@ def test_a_trial_far_below_its_neighbours_after_one_epoch_stops_early(tmp_path, 
         reason = t.user_attrs["stop_reason"]
         assert reason.startswith("stopped early: after fine-tune epoch 1 of 2") and "below trial 0" in reason
     assert not list(run_dir.glob("probe-*"))  # the probes' files are gone
+    assert "<b>stopped early</b>: 2 trials (1, 2)" in (run_dir / "report.html").read_text()
     _, children = runs_of(run_dir)
     pruned = [c for c in children if c.data.tags["state"] == "PRUNED"]
     assert len(pruned) == 2 and all(c.info.status == "FINISHED" and "stop_reason" in c.data.tags for c in pruned)
