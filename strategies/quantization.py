@@ -177,6 +177,23 @@ def calibrate_inputs_(model: nn.Module, calibration_x: torch.Tensor, batch_size:
         set_input_quantization_(module, *uint8_qparams(lo, hi))
 
 
+def round_bias_to_accumulator_(model: nn.Module) -> None:
+    """Round each integer layer's bias to a multiple of input_scale × weight_scale.
+
+    That is the scale of the int32 accumulator, and ONNX Runtime's fused integer kernels
+    (QLinearConv, QGemm) add the bias there, rounded to an integer. Rounding it the same way
+    here keeps the simulation the model that runs. The coarser the weights, the coarser that
+    step: with 2-3-bit weights a float bias changed 0.1-0.3 % of LeNet-5's validation
+    predictions in ONNX Runtime (up to 0.8 % in searches, past the 0.5 % limit); rounded, none.
+    """
+    for _, module in quantized_layers(model):
+        if module.bias is None or not (hasattr(module, "input_scale") and hasattr(module, "weight_scale")):
+            continue
+        step = module.input_scale * module.weight_scale
+        with torch.no_grad():
+            module.bias.copy_(torch.round(module.bias / step) * step)
+
+
 # ---------------------------------------------------------------------- training
 
 
@@ -221,6 +238,7 @@ class Quantization(Strategy):
             quantize_weights_(model, config.weight_bits)
         if config.activation_bits < 32:
             calibrate_inputs_(model, context.calibration_x, context.batch_size)
+            round_bias_to_accumulator_(model)
         return model
 
     @staticmethod
