@@ -27,7 +27,6 @@ from search.bench import EXPERIMENTS, technique_config
 from search.config import load_config, parse_config
 from search.study import feasible_points, prepare, run_trials
 
-logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 
 

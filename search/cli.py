@@ -68,7 +68,7 @@ def _prepare(args: argparse.Namespace, config, run_dir: Path, n_trials: int, **k
 
 
 def _trial_reporter(n_trials: int):
-    from search.study import finished_trials
+    from search.study import finished_trials, reason
 
     def on_trial(study, trial) -> None:
         attrs = trial.user_attrs
@@ -85,7 +85,7 @@ def _trial_reporter(n_trials: int):
                 attrs.get("trial_seconds", float("nan")),
             )
         else:
-            logger.info("%s %s  %s", done, trial.state.name, attrs.get("fail_reason") or attrs.get("stop_reason", ""))
+            logger.info("%s %s  %s", done, trial.state.name, reason(attrs))
 
     return on_trial
 

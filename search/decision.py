@@ -45,11 +45,13 @@ def hypervolume_history(
 
 def failures_by_reason(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, list[tuple[int, str]]]:
     """Failed and stopped trials grouped by the kind of reason (the text before its first ':')."""
+    from search.study import reason
+
     groups: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for t in trials:
         if t.state in (TrialState.FAIL, TrialState.PRUNED):
-            reason = t.user_attrs.get("fail_reason") or t.user_attrs.get("stop_reason") or "no reason recorded"
-            groups[reason.split(":", 1)[0]].append((t.number, reason))
+            why = reason(t.user_attrs) or "no reason recorded"
+            groups[why.split(":", 1)[0]].append((t.number, why))
     return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
 
 

@@ -519,11 +519,8 @@ def early_stop_check(p: Prepared, trial: optuna.Trial, configs: dict) -> Callabl
         return p.context.after_epoch
     probe_configs = {**configs, "distillation": dataclasses.replace(distill, epochs=0)}
     model = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, probe_configs, p.context)
-    probe: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="probe-", dir=p.run_dir) as tmp:
-        deployable = deploy(p.config, p.workload, model, Path(tmp))
-        for objective in others:
-            probe.update(objective.measure(deployable, p.eval_context))
+        probe = _measure(deploy(p.config, p.workload, model, Path(tmp)), others, p.eval_context, p.workload.example_inputs)
     for objective in others:
         trial.set_user_attr(f"probe_{objective.name}", probe[objective.name])
     neighbours = [t for t in done if all(t.user_attrs[o.name] <= probe[o.name] * EARLY_STOP_SLACK for o in others)]
@@ -614,6 +611,11 @@ def _log_hypervolume(p: Prepared) -> None:
     )
 
 
+def reason(attrs: dict[str, Any]) -> str:
+    """Why a trial failed or stopped early ("" for a complete one)."""
+    return attrs.get("fail_reason") or attrs.get("stop_reason", "")
+
+
 def feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return all(v <= 0 for v in trial.constraints.values())
 
@@ -660,7 +662,7 @@ def trial_rows(study: optuna.Study, baseline: dict[str, float]) -> list[dict[str
         if t.constraints:
             row["feasible"] = feasible(t)
             row["violation"] = front.violation(t.constraints, baseline)
-        row["fail_reason"] = t.user_attrs.get("fail_reason") or t.user_attrs.get("stop_reason", "")
+        row["fail_reason"] = reason(t.user_attrs)
         row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id", "")
         rows.append(row)
     return rows
