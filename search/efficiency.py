@@ -55,10 +55,10 @@ def grid_configs() -> list[dict[str, Any]]:
     return configs
 
 
-def table_config(experiments_dir: Path) -> Config:
-    """The MLP experiment over the grid's span, with quick fine-tuning and no anchors."""
-    raw = load_config(experiments_dir / "fmnist_mlp.yaml").to_dict()
-    raw["name"] = "efficiency-lenet300"
+def table_config(experiments_dir: Path, experiment: str = "fmnist_mlp") -> Config:
+    """An experiment (the MLP by default) over the grid's span, with quick fine-tuning and no anchors."""
+    raw = load_config(experiments_dir / f"{experiment}.yaml").to_dict()
+    raw["name"] = f"efficiency-{raw['workload']['model']}"
     choices = ("quantization.weight_bits", "quantization.activation_bits")
     raw["search_space"] = {
         key: values if key in choices else values[0] if len(values) == 1 else [min(values), max(values)]
@@ -70,12 +70,16 @@ def table_config(experiments_dir: Path) -> Config:
 
 
 def build_table(
-    run_dir: Path, out: Path, experiments_dir: Path, progress: Callable[[str], None] = logger.info
+    run_dir: Path,
+    out: Path,
+    experiments_dir: Path,
+    experiment: str = "fmnist_mlp",
+    progress: Callable[[str], None] = logger.info,
 ) -> dict[str, Any]:
     """Evaluate every grid point (resumable: the study lives in `run_dir`) and write the table."""
     from search.study import prepare, run_trials
 
-    config = table_config(experiments_dir)
+    config = table_config(experiments_dir, experiment)
     configs = grid_configs()
     with prepare(config, run_dir, progress=progress) as prepared:
         study = prepared.study
@@ -101,7 +105,7 @@ def build_table(
             rows.append(row)
         b = prepared.baseline
         table = {
-            "description": "LeNet-300-100 on Fashion-MNIST, every grid point evaluated once: 10k-sample "
+            "description": f"{config.workload.model} on Fashion-MNIST, every grid point evaluated once: 10k-sample "
             "fine-tune of at most 1 epoch, val accuracy, packed artifact bytes, ONNX Runtime batch-1 latency "
             "(median of 200 runs, 1 thread)",
             "grid": GRID,
@@ -286,9 +290,12 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # python -m search.efficiency [RUN_DIR]: rebuild the shipped table (~6 min)
+if __name__ == "__main__":
+    # python -m search.efficiency [RUN_DIR [EXPERIMENT OUT]]: rebuild the shipped table (~4 min),
+    # or build one for another experiment of experiments/ over the same grid.
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     run_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/efficiency-lenet300")
-    build_table(run_dir, TABLE_PATH, TABLE_PATH.parent)
+    experiment, out = (sys.argv[2], Path(sys.argv[3])) if len(sys.argv) > 3 else ("fmnist_mlp", TABLE_PATH)
+    build_table(run_dir, out, TABLE_PATH.parent, experiment)

@@ -78,8 +78,9 @@ def test_bad_constraints_name_the_key(constraints, key):
 # ------------------------------------------------------------ the shipped table
 
 
-def test_the_shipped_table_covers_its_grid():
-    table = Table.load(TABLE_PATH)
+@pytest.mark.parametrize("path", [TABLE_PATH, TABLE_PATH.with_name("efficiency_lenet5.json")], ids=lambda p: p.stem)
+def test_the_shipped_table_covers_its_grid(path):
+    table = Table.load(path)
     assert len(table.rows) == len(grid_configs()) >= 200
     assert {table.key(row["params"]) for row in table.rows} == {table.key(p) for p in grid_configs()}
     assert table.front and table.front <= set(table.complete)
