@@ -153,9 +153,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"latency {baseline['latency_ms']:.3f} ms ({config.latency.runtime}, batch {batches}, "
         f"{config.latency.threads} thread{'s' if config.latency.threads > 1 else ''})"
     )
-    n_complete = sum(r["state"] == "COMPLETE" for r in result.rows)
-    n_failed = sum(r["state"] == "FAIL" for r in result.rows)
-    print(f"study {config.name!r}: {n_complete} complete, {n_failed} failed, {len(result.pareto)} Pareto-optimal")
+    states = [r["state"] for r in result.rows]
+    print(
+        f"study {config.name!r}: {states.count('COMPLETE')} complete, {states.count('FAIL')} failed, "
+        f"{states.count('PRUNED')} stopped early, {len(result.pareto)} Pareto-optimal"
+    )
     print()
     if result.pareto:
         repeats = config.latency.final_repeats

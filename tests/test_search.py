@@ -242,7 +242,7 @@ def test_runtime_that_disagrees_with_the_simulation_fails_the_trial(tmp_path, mo
 
 @needs_fashion_mnist
 @pytest.mark.parametrize("early_stop", [True, False])
-def test_a_trial_far_below_its_neighbours_after_one_epoch_stops_early(tmp_path, monkeypatch, early_stop):
+def test_a_trial_far_below_its_neighbours_after_one_epoch_stops_early(tmp_path, monkeypatch, capsys, early_stop):
     """Every trial is the same 8-bit model fine-tuned for 2 epochs, so trial 0 is no larger
     than any later one; the check then scores each later trial 0 after its first epoch."""
     import search.study
@@ -257,10 +257,13 @@ def test_a_trial_far_below_its_neighbours_after_one_epoch_stops_early(tmp_path, 
             "--set", "search.objectives=[accuracy, size_bytes]", "--set", f"search.early_stop={str(early_stop).lower()}"]  # fmt: skip
     assert main(args) == 0
     trials = finished(run_dir)
+    printed = capsys.readouterr().out
     if not early_stop:
         assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+        assert "3 complete, 0 failed, 0 stopped early" in printed
         return
     assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "PRUNED"]
+    assert "1 complete, 0 failed, 2 stopped early" in printed
     for t in trials[1:]:
         assert t.user_attrs["probe_size_bytes"] == pytest.approx(trials[0].user_attrs["size_bytes"], rel=0.001)
         assert t.user_attrs["early_accuracy"] == 0.0 and t.user_attrs["cpu_seconds"] > 0
