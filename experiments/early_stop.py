@@ -54,7 +54,9 @@ def measure(model: str, seed: int, n_trials: int, out: Path, candidates: list[di
         "trials": len(trials),
         "stopped_early": sum(t.state.name == "PRUNED" for t in trials),
         # work done in the deterministic unit: a stopped trial ran one epoch
-        "finetune_epochs": sum(1 if t.state.name == "PRUNED" else t.params.get("distillation.epochs", 0) for t in trials),
+        "finetune_epochs": sum(
+            1 if t.state.name == "PRUNED" else t.params.get("distillation.epochs", 0) for t in trials
+        ),
         "cpu_hours": cpu_hours,
         "hypervolume": hv,
         "hv_per_cpu_hour": hv / cpu_hours,
@@ -78,20 +80,21 @@ def main() -> None:
     for seed in range(args.seeds):
         off = measure(args.model, seed, args.n_trials, args.out)
         runs += [off, measure(args.model, seed, args.n_trials, args.out, off["candidates"])]
-    lines = ["| seed | early stop | trials (stopped early) | fine-tune epochs | CPU hours | hypervolume | HV per CPU-hour |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| seed | early stop | trials (stopped early) | fine-tune epochs | CPU hours | hypervolume "
+             "| HV per CPU-hour |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in runs:
         lines.append(f"| {r['seed']} | {'on' if r['early_stop'] else 'off'} | {r['trials']} ({r['stopped_early']}) | "
                      f"{r['finetune_epochs']} | {r['cpu_hours']:.4f} | {r['hypervolume']:.4f} | "
                      f"{r['hv_per_cpu_hour']:.2f} |")  # fmt: skip
-    ratios = [on["hv_per_cpu_hour"] / off["hv_per_cpu_hour"] for off, on in zip(runs[::2], runs[1::2])]
-    hv = [on["hypervolume"] / off["hypervolume"] for off, on in zip(runs[::2], runs[1::2])]
-    cpu = [on["cpu_hours"] / off["cpu_hours"] for off, on in zip(runs[::2], runs[1::2])]
-    epochs = [on["finetune_epochs"] / off["finetune_epochs"] for off, on in zip(runs[::2], runs[1::2])]
+
+    def on_over_off(key: str) -> float:
+        return float(np.median([on[key] / off[key] for off, on in zip(runs[::2], runs[1::2])]))
+
     lines.append("")
-    lines.append(f"on / off on the same candidates, median over {args.seeds} seeds: HV per CPU-hour {np.median(ratios):.2f}x, "
-                 f"hypervolume {np.median(hv):.3f}x, CPU time {np.median(cpu):.3f}x, "
-                 f"fine-tune epochs {np.median(epochs):.3f}x")  # fmt: skip
+    lines.append(f"on / off on the same candidates, median over {args.seeds} seeds: "
+                 f"HV per CPU-hour {on_over_off('hv_per_cpu_hour'):.2f}x, "
+                 f"hypervolume {on_over_off('hypervolume'):.3f}x, CPU time {on_over_off('cpu_hours'):.3f}x, "
+                 f"fine-tune epochs {on_over_off('finetune_epochs'):.3f}x")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "early_stop.json").write_text(json.dumps(runs, indent=2))
     print("\n".join(lines))

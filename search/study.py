@@ -503,9 +503,9 @@ def early_stop_check(p: Prepared, trial: optuna.Trial, configs: dict) -> Callabl
     Only a trial that fine-tunes two or more epochs has something to save. Fine-tuning changes
     neither the model's size nor its latency, so both are measured first on the same candidate
     built without fine-tuning (a probe). The feasible completed trials that are no larger and
-    no slower (within EARLY_STOP_SLACK) are its neighbours on the front; after the first epoch, the candidate's accuracy
-    on EARLY_STOP_VAL validation samples must come within `early_stop_margin` of the best of
-    them, or the trial stops as PRUNED, with the reason.
+    no slower (within EARLY_STOP_SLACK) are its neighbours; after the first epoch, the
+    candidate's accuracy on EARLY_STOP_VAL validation samples must come within
+    `early_stop_margin` of the best of them, or the trial stops as PRUNED, with the reason.
     """
     s = p.config.search
     distill = configs.get("distillation")
@@ -518,7 +518,8 @@ def early_stop_check(p: Prepared, trial: optuna.Trial, configs: dict) -> Callabl
     probe_configs = {**configs, "distillation": dataclasses.replace(distill, epochs=0)}
     model = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, probe_configs, p.context)
     with tempfile.TemporaryDirectory(prefix="probe-", dir=p.run_dir) as tmp:
-        probe = _measure(deploy(p.config, p.workload, model, Path(tmp)), others, p.eval_context, p.workload.example_inputs)
+        deployed = deploy(p.config, p.workload, model, Path(tmp))
+        probe = _measure(deployed, others, p.eval_context, p.workload.example_inputs)
     for objective in others:
         trial.set_user_attr(f"probe_{objective.name}", probe[objective.name])
     neighbours = [t for t in done if all(t.user_attrs[o.name] <= probe[o.name] * EARLY_STOP_SLACK for o in others)]
