@@ -108,7 +108,8 @@ def write_report(run_dir: Path, study: optuna.Study) -> Path:
     parts = [f"<h1>autocompress: {html.escape(summary['study'])}</h1>"]
     b = baseline
     parts.append(
-        f"<p>Baseline: val accuracy {b['accuracy']:.4f}, test accuracy {b.get('baseline_test_accuracy', float('nan')):.4f}, "
+        f"<p>Baseline: val accuracy {b['accuracy']:.4f}, "
+        f"test accuracy {b.get('baseline_test_accuracy', float('nan')):.4f}, "
         f"{b['size_bytes'] / 1024:.1f} kB, {b['latency_ms']:.3f} ms. "
         f"{len([r for r in rows if r['state'] == 'COMPLETE'])} complete trials of {len(rows)}. "
         f"Constraints: {html.escape(json.dumps(summary['constraints']) if summary['constraints'] else 'none')}.</p>"

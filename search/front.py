@@ -37,10 +37,13 @@ def relative(values: Mapping[str, float], baseline: Mapping[str, float], objecti
 
 
 def hypervolume(
-    points: Sequence[Mapping[str, float]], baseline: Mapping[str, float], objectives: Sequence[str]
+    points: Sequence[Mapping[str, float]],
+    baseline: Mapping[str, float],
+    objectives: Sequence[str],
+    reference: Sequence[float] | None = None,
 ) -> float:
-    """Hypervolume of `points` (dicts holding every objective) against REFERENCE."""
-    reference = np.asarray([REFERENCE[name] for name in objectives], dtype=float)
+    """Hypervolume of `points` (dicts holding every objective) against REFERENCE, or `reference`."""
+    reference = np.asarray([REFERENCE[name] for name in objectives] if reference is None else reference, dtype=float)
     if not points:
         return 0.0
     values = np.stack([relative(p, baseline, objectives) for p in points])

@@ -100,6 +100,30 @@ def test_every_sampler_searches_the_same_conditional_space(sampler):
     assert resolve_sampler("auto", 10) in ("gp", "tpe") and resolve_sampler(sampler, 10) != "auto"
 
 
+def test_the_efficiency_benchmark_reports_every_budget_against_either_reference(tmp_path, capsys):
+    out = tmp_path / "eff"
+    args = ["efficiency", "--samplers", "auto", "random-plain", "--seeds", "2", "--budgets", "6", "12"]
+    assert main([*args, "--reference", "nadir", "--out", str(out)]) == 0
+    results = json.loads((out / "efficiency.json").read_text())
+    assert results["reference"] == "nadir" and set(results["samplers"]) == {"auto", "random-plain"}
+    for per_budget in results["samplers"].values():
+        for n in ("6", "12"):
+            assert len(per_budget[n]["hv_ratio"]) == 2 and all(0 < r <= 1 for r in per_budget[n]["hv_ratio"])
+        # a sampler does not know its budget: the longer run only adds to the shorter one
+        assert all(a <= b for a, b in zip(per_budget["6"]["hv_ratio"], per_budget["12"]["hv_ratio"]))
+    assert 0 <= results["samplers"]["auto"]["12"]["p_vs_random-plain"] <= 1
+    assert "reference point: nadir" in capsys.readouterr().out
+    # the nadir is the table's worst point, so the search's own box holds less of the volume
+    assert Table.load(TABLE_PATH).exhaustive_hv < Table.load(TABLE_PATH, "nadir").exhaustive_hv
+
+    assert main([*args, "--seeds", "1", "--out", str(out)]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--reference", "worst", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert json.loads((out / "efficiency.json").read_text()) == results  # bad input leaves the results alone
+
+
 # ------------------------------------------------------------------ end to end
 
 

@@ -254,7 +254,8 @@ def test_a_trial_far_below_its_neighbours_after_one_epoch_stops_early(tmp_path, 
         "distillation.epochs: 2, distillation.lr: 0.01, distillation.alpha: 0.5, distillation.temperature: 2.0}"
     )
     args = ["run", SMOKE, "--n-trials", "3", "--run-dir", str(run_dir), "--set", space,
-            "--set", "search.objectives=[accuracy, size_bytes]", "--set", f"search.early_stop={str(early_stop).lower()}"]  # fmt: skip
+            "--set", "search.objectives=[accuracy, size_bytes]",
+            "--set", f"search.early_stop={str(early_stop).lower()}"]  # fmt: skip
     assert main(args) == 0
     trials = finished(run_dir)
     printed = capsys.readouterr().out
