@@ -19,6 +19,7 @@ OFF: dict[str, Any] = {
     "pruning.structured_ratio": 0.0,
     "pruning.unstructured_sparsity": 0.0,
     "quantization.weight_bits": 32,
+    "quantization.mixed_precision": False,
     "distillation.epochs": 0,
 }
 HIGHEST = object()  # the top of the configured range

@@ -190,8 +190,9 @@ def _describe(row) -> str:
     if "final_latency_ms" in row:
         figures.append(f"{row['final_latency_ms']:.3f} ms ({row['final_speedup']:.2f}x)")
     params = ", ".join(
-        f"{k.split('.', 1)[1]}={v:g}" for k, v in row.items() if "." in k and isinstance(v, (int, float))
-    )
+        f"{k.split('.', 1)[1]}={v if isinstance(v, (bool, str)) else format(v, 'g')}"
+        for k, v in row.items() if "." in k and isinstance(v, (int, float, str))
+    )  # fmt: skip
     return f"{'; '.join(figures)}  [{params}]"
 
 

@@ -165,6 +165,9 @@ class Context:
     # `with context.fake_quant(model):` so it trains against the quantized weights
     # (straight-through gradients) it will be deployed with.
     fake_quant: Callable[[nn.Module], AbstractContextManager] | None = None
+    # The sensitivity scan, when the search space has mixed precision: for each quantizable
+    # layer and weight width, how far quantizing that layer alone moves the model's outputs.
+    sensitivity: Mapping[str, Mapping[int, float]] | None = None
 
 
 # -------------------------------------------------------------------------- strategy
@@ -176,12 +179,14 @@ class Strategy(ABC):
     Subclasses set `name`, `config_cls`, and `default_space`: a mapping from each namespaced
     Optuna parameter name (``pruning.structured_ratio``) to its widest allowed range. The
     YAML `search_space` uses the same names; a strategy is on when any of its names appear,
-    and its unlisted parameters keep their default range.
+    and its unlisted parameters keep their default range, or the one `unlisted_space` gives
+    them (an option that is off unless the search space names it).
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type[StrategyConfig]]
     default_space: ClassVar[Mapping[str, Param]]
+    unlisted_space: ClassVar[Mapping[str, Param]] = {}
 
     def __init__(self, space: Mapping[str, Any] | None = None) -> None:
         space = dict(space or {})
@@ -189,7 +194,7 @@ class Strategy(ABC):
         if unknown:
             raise ValueError(f"unknown search_space key {unknown[0]!r}; valid keys are {sorted(self.default_space)}")
         self.space: dict[str, Param] = {
-            key: parse_param(key, space[key], default) if key in space else default
+            key: parse_param(key, space[key], default) if key in space else self.unlisted_space.get(key, default)
             for key, default in self.default_space.items()
         }
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from strategies.base import Context, Strategy, StrategyConfig
 from strategies.distillation import Distillation
-from strategies.quantization import Quantization
+from strategies.quantization import Quantization, resolve_layer_bits
 from strategies.structured import StructuredPruning
 from strategies.unstructured import UnstructuredPruning
 
@@ -55,11 +55,18 @@ def compress(
     context: Context,
 ) -> nn.Module:
     """Apply every active strategy in order. `model` is modified; pass a copy."""
+    configs = dict(configs)
     quant = next((s for s in strategies if isinstance(s, Quantization)), None)
-    if quant is not None and configs[quant.name].weight_bits < 32:
-        # Fine-tuning trains against the weights it will be deployed with.
-        context = dataclasses.replace(context, fake_quant=Quantization.training_simulation(configs[quant.name]))
+    pending = quant is not None
     for strategy in strategies:
+        if pending and not isinstance(strategy, (StructuredPruning, UnstructuredPruning)):
+            # Pruning is done: allot mixed-precision widths to the weights that are left.
+            pending = False
+            quant_config = resolve_layer_bits(model, configs[quant.name], context.sensitivity)
+            configs[quant.name] = quant_config
+            if quant_config.weight_bits < 32:
+                # Fine-tuning trains against the weights it will be deployed with.
+                context = dataclasses.replace(context, fake_quant=Quantization.training_simulation(quant_config))
         config = configs[strategy.name]
         if strategy.is_active(config):
             context.report(f"{strategy.name}: {config.to_dict()}")

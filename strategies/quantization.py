@@ -16,13 +16,22 @@ hook keeps names, so the model still matches its factory; the hook is a module-l
 function, so deepcopy and pickling keep it.
 
 BatchNorm is folded first, so the quantized weights are the ones that really run.
+
+Mixed precision (searched when the search space lists `quantization.mixed_precision`):
+`weight_bits` is then the average width over the weights, and each layer gets its own width.
+A sensitivity scan, once per study, measures how far quantizing each layer alone moves the
+uncompressed model's outputs (`sensitivity_scan`); after pruning, `allocate_bits` spends the
+trial's bit budget where it buys the most of that back. The per-layer widths travel as each
+layer's `weight_bits` buffer, which the artifact and the ONNX export already read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,14 +60,27 @@ def _check_choice(field: str, value: Any, choices: tuple[int, ...]) -> None:
 
 @dataclass(frozen=True)
 class QuantizationConfig(StrategyConfig):
-    """`weight_bits` 32 and `activation_bits` 32 mean "not quantized"."""
+    """`weight_bits` 32 and `activation_bits` 32 mean "not quantized".
+
+    With `mixed_precision`, `weight_bits` is the average width, and `layer_bits` holds the
+    width of each layer once the pipeline has allotted them (empty: `weight_bits` everywhere).
+    """
 
     weight_bits: int = 32
     activation_bits: int = 32
+    mixed_precision: bool = False
+    layer_bits: tuple[tuple[str, int], ...] = ()
 
     def validate(self) -> None:
         _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
         _check_choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
+        if not isinstance(self.mixed_precision, bool):
+            raise ValueError(f"quantization.mixed_precision must be one of [False, True], got {self.mixed_precision!r}")
+        for layer, bits in self.layer_bits:
+            _check_choice(f"layer_bits[{layer!r}]", bits, WEIGHT_BITS[:-1])
+
+    def bits_of(self, layer: str) -> int:
+        return dict(self.layer_bits).get(layer, self.weight_bits)
 
 
 # ------------------------------------------------------------------- weight codes
@@ -110,14 +132,100 @@ def _check_finite(name: str, what: str, tensor: torch.Tensor) -> None:
         raise QuantizationError(f"non-finite {what} in layer {name}")
 
 
-def quantize_weights_(model: nn.Module, bits: int) -> None:
+def quantize_weights_(model: nn.Module, bits_of: Callable[[str], int]) -> None:
+    """Quantize every layer's weights to `bits_of(layer name)` bits."""
     for name, module in quantized_layers(model):
         _check_finite(name, "weights", module.weight)
+        bits = bits_of(name)
         scale = channel_scales(module.weight, bits)
         # A scale that underflowed to 0 would turn zeros into 0/0 = NaN codes.
         if not (torch.isfinite(scale).all() and (scale > 0).all()):
             raise QuantizationError(f"weight scales of layer {name} are not finite and positive")
         set_weight_quantization_(module, weight_codes(module.weight, scale, bits), scale, bits)
+
+
+# ---------------------------------------------------------------- mixed precision
+
+
+def sensitivity_scan(
+    model: nn.Module, x: torch.Tensor, widths: tuple[int, ...], batch_size: int
+) -> dict[str, dict[int, float]]:
+    """For each layer and width: the outputs' mean KL divergence from the float model's on `x`
+    when only that layer's weights are quantized (BatchNorm folded first, as deployed)."""
+    model = copy.deepcopy(model).eval()
+    fold_batchnorm_(model)
+
+    def log_probs() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).log_softmax(1)
+
+    reference = log_probs()
+    scan: dict[str, dict[int, float]] = {}
+    for name, module in quantized_layers(model):
+        weight = module.weight.data
+        scan[name] = {}
+        for bits in widths:
+            scale = channel_scales(weight, bits)
+            module.weight.data = dequantize(weight_codes(weight, scale, bits), scale)
+            kl = nn.functional.kl_div(log_probs(), reference, reduction="batchmean", log_target=True)
+            scan[name][bits] = max(float(kl), 0.0)
+        module.weight.data = weight
+    return scan
+
+
+def allocate_bits(
+    counts: Mapping[str, int], scan: Mapping[str, Mapping[int, float]], average: int
+) -> dict[str, int]:
+    """Per-layer widths whose mean over the `counts` weights is at most `average`, with as
+    little summed sensitivity as the search below finds.
+
+    A Lagrangian split first: each layer takes the width minimising sensitivity + lam * bits,
+    with the smallest lam that fits the budget (bisection). What budget is left then goes,
+    greedily, to the widening that removes the most sensitivity per added bit. The uniform
+    assignment is kept when this is no better. Layers the scan does not know keep `average`.
+    """
+    layers = [name for name in counts if name in scan]
+    widths = sorted(next(iter(scan.values()))) if scan else []
+    if average not in widths or not layers:
+        return {name: average for name in counts}
+    budget = average * sum(counts[name] for name in layers)
+
+    def split(lam: float) -> dict[str, int]:
+        return {n: min(widths, key=lambda w: (scan[n][w] + lam * counts[n] * w, w)) for n in layers}
+
+    def used(bits: Mapping[str, int]) -> int:
+        return sum(counts[n] * bits[n] for n in layers)
+
+    lo, hi = 0.0, 1.0
+    while used(split(hi)) > budget:
+        hi *= 10
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if used(split(mid)) <= budget else (mid, hi)
+    bits = split(hi)
+    while True:
+        moves = [
+            ((scan[n][bits[n]] - scan[n][w]) / max(counts[n] * (w - bits[n]), 1), n, w)
+            for n in layers for w in widths
+            if w > bits[n] and scan[n][w] < scan[n][bits[n]] and used({**bits, n: w}) <= budget
+        ]  # fmt: skip
+        if not moves:
+            break
+        _, name, width = max(moves)
+        bits[name] = width
+    if sum(scan[n][bits[n]] for n in layers) >= sum(scan[n][average] for n in layers):
+        bits = {name: average for name in layers}
+    return {name: bits.get(name, average) for name in counts}
+
+
+def resolve_layer_bits(model: nn.Module, config: QuantizationConfig, scan: Mapping | None) -> QuantizationConfig:
+    """The config with each layer's width allotted, for the model as pruned (non-zero weights)."""
+    if not config.mixed_precision or config.weight_bits == 32:
+        return config
+    if not scan:
+        raise QuantizationError("mixed precision needs the sensitivity scan, and the study has none")
+    counts = {name: int(torch.count_nonzero(m.weight)) for name, m in quantized_layers(model)}
+    return dataclasses.replace(config, layer_bits=tuple(allocate_bits(counts, scan, config.weight_bits).items()))
 
 
 # -------------------------------------------------------------------- activations
@@ -219,14 +327,27 @@ class Quantization(Strategy):
     default_space = {
         "quantization.weight_bits": ChoiceParam(WEIGHT_BITS),
         "quantization.activation_bits": ChoiceParam(ACTIVATION_BITS),
+        "quantization.mixed_precision": ChoiceParam((False, True)),
     }
+    unlisted_space = {"quantization.mixed_precision": ChoiceParam((False,))}
 
     def suggest(self, trial: Any) -> QuantizationConfig:
         bits = self.space["quantization.weight_bits"].suggest(trial, "quantization.weight_bits")
         if bits == 32:  # activations are only searched together with weights
             return QuantizationConfig(weight_bits=32, activation_bits=32)
         activations = self.space["quantization.activation_bits"].suggest(trial, "quantization.activation_bits")
-        return QuantizationConfig(weight_bits=bits, activation_bits=activations)
+        mixed = self.space["quantization.mixed_precision"]
+        # an option that is off unless listed: trials of other search spaces do not record it
+        use_mixed = mixed.suggest(trial, "quantization.mixed_precision") if True in mixed.choices else False
+        return QuantizationConfig(weight_bits=bits, activation_bits=activations, mixed_precision=use_mixed)
+
+    @property
+    def scans(self) -> bool:
+        """Whether a study of this space needs the sensitivity scan."""
+        return True in self.space["quantization.mixed_precision"].choices
+
+    def widths(self) -> tuple[int, ...]:
+        return tuple(b for b in self.space["quantization.weight_bits"].choices if b < 32)
 
     def is_active(self, config: QuantizationConfig) -> bool:
         return config.weight_bits < 32 or config.activation_bits < 32
@@ -235,7 +356,7 @@ class Quantization(Strategy):
         model.eval()
         fold_batchnorm_(model)
         if config.weight_bits < 32:
-            quantize_weights_(model, config.weight_bits)
+            quantize_weights_(model, config.bits_of)
         if config.activation_bits < 32:
             calibrate_inputs_(model, context.calibration_x, context.batch_size)
             round_bias_to_accumulator_(model)
@@ -254,11 +375,11 @@ class Quantization(Strategy):
             if config.weight_bits == 32:
                 yield model
                 return
-            layers = [m for _, m in quantized_layers(model)]
+            layers = list(quantized_layers(model))
             done = []
             try:
-                for module in layers:
-                    parametrize.register_parametrization(module, "weight", _STEWeight(config.weight_bits))
+                for name, module in layers:
+                    parametrize.register_parametrization(module, "weight", _STEWeight(config.bits_of(name)))
                     done.append(module)
                 yield model
             finally:

@@ -10,6 +10,7 @@ def test_every_anchor_is_one_technique_alone_within_the_space():
             "pruning.structured_ratio": [0.0, 0.75],
             "pruning.unstructured_sparsity": [0.0, 0.95],
             "quantization.weight_bits": [2, 4, 8, 32],
+            "quantization.mixed_precision": [False, True],
             "distillation.epochs": [0, 2],
         }
     )
@@ -20,6 +21,7 @@ def test_every_anchor_is_one_technique_alone_within_the_space():
         "pruning.unstructured_sparsity": 0.0,
         "quantization.weight_bits": 8,
         "quantization.activation_bits": 8,
+        "quantization.mixed_precision": False,  # the same width everywhere
         "distillation.epochs": 0,
     }
     assert anchors["student-half"]["distillation.epochs"] == 2  # the top of the range

@@ -124,3 +124,39 @@ def test_low_bit_integer_layers_predict_as_the_simulation(tmp_path, model_name):
     d = materialize(model, tmp_path, example_inputs=ctx.example_inputs, save_artifact=save_artifact)
     x = torch.randn(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     assert check_agreement(d.predict, lambda b: model(b).detach(), x) == 0.0
+
+
+def test_mixed_precision_gives_each_layer_its_width_and_runs_the_same(tmp_path):
+    from strategies import pipeline
+    from strategies.quantization import quantized_layers, sensitivity_scan
+
+    model = trained_like(MODELS["lenet5"])
+    layers = [name for name, _ in quantized_layers(model)]
+    # as measured on the trained LeNet-5: the convolutions and the classifier are the sensitive
+    # ones, and the 400k-weight hidden layer holds most of the bits
+    scan = dict(zip(layers, [
+        {2: 0.12, 3: 0.014, 4: 0.0073, 8: 1e-5}, {2: 0.34, 3: 0.0084, 4: 0.0027, 8: 1e-5},
+        {2: 0.10, 3: 0.0030, 4: 0.0004, 8: 0.0}, {2: 0.17, 3: 0.0032, 4: 0.0007, 8: 0.0},
+    ]))  # fmt: skip
+    ctx = context(n=256, sensitivity=scan)
+    strategies = pipeline.build_strategies({"quantization.mixed_precision": [True]})
+    built = {}
+    for mixed in (False, True):
+        config = QuantizationConfig(4, 8, mixed_precision=mixed)
+        built[mixed] = pipeline.compress(trained_like(MODELS["lenet5"]), strategies, {"quantization": config}, ctx)
+    widths = {name: int(m.weight_bits) for name, m in quantized_layers(built[True])}
+    assert widths == dict(zip(layers, [8, 8, 3, 8]))
+    assert {int(m.weight_bits) for _, m in quantized_layers(built[False])} == {4}
+    sizes = {mixed: save_artifact(m, tmp_path / f"{mixed}.acw") for mixed, m in built.items()}
+    assert sizes[True] < sizes[False]  # at most 4 bits on average: here fewer
+    d = materialize(built[True], tmp_path / "onnx", example_inputs=ctx.example_inputs, save_artifact=save_artifact)
+    assert d.size_bytes == sizes[True]
+    x = torch.randn(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert check_agreement(d.predict, lambda b: built[True](b).detach(), x) == 0.0
+
+    measured = sensitivity_scan(model, ctx.calibration_x, (2, 4, 8), 32)
+    assert list(measured) == layers and all(set(v) == {2, 4, 8} for v in measured.values())
+    assert all(v[2] > v[8] >= 0 for v in measured.values())  # narrower weights move the outputs more
+    with pytest.raises(CompressionError, match="sensitivity scan"):
+        pipeline.compress(model, strategies, {"quantization": QuantizationConfig(4, 32, mixed_precision=True)},
+                          context())  # fmt: skip

@@ -1,5 +1,6 @@
 """End to end: a smoke search on a small Fashion-MNIST subset, through the CLI."""
 
+import json
 from pathlib import Path
 
 import optuna
@@ -277,3 +278,27 @@ def test_a_trial_far_below_its_neighbours_after_one_epoch_stops_early(tmp_path, 
     assert len(pruned) == 2 and all(c.info.status == "FINISHED" and "stop_reason" in c.data.tags for c in pruned)
     assert main(args) == 0  # stopped trials count toward the target
     assert len(finished(run_dir)) == 3
+
+
+@needs_fashion_mnist
+def test_mixed_precision_search_scans_once_and_records_each_layers_width(tmp_path):
+    from strategies.artifact import load_artifact
+    from strategies.quantization import quantized_layers
+    from tests.helpers import MODELS
+
+    run_dir = tmp_path / "run"
+    space = "search_space={quantization.weight_bits: [3, 4, 8], quantization.mixed_precision: [true]}"
+    args = ["run", SMOKE, "--n-trials", "3", "--run-dir", str(run_dir), "--set", space, "--set", "search.anchors=false"]
+    assert main(args) == 0
+    scan = json.loads((run_dir / "sensitivity.json").read_text())
+    assert set(scan) == {"1", "3", "5"} and all(set(v) == {"3", "4", "8"} for v in scan.values())
+    trials = finished(run_dir)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    for t in trials:
+        assert t.params["quantization.mixed_precision"] is True
+        stored = load_artifact(run_dir / "trials" / f"{t.number:04d}" / "weights.acw", MODELS["lenet300"])
+        widths = " ".join(f"{n}:{int(m.weight_bits)}" for n, m in quantized_layers(stored))
+        assert t.user_attrs["layer_bits"] == widths  # what was recorded is what was deployed
+    [parent], children = runs_of(run_dir)
+    assert "sensitivity.json" in [a.path for a in MlflowClient(sqlite_uri(run_dir)).list_artifacts(parent.info.run_id)]
+    assert all("quantization.layer_bits" in c.data.params for c in children)
