@@ -189,8 +189,17 @@ def make_sampler(name: str, seed: int, n_trials: int, strategies: list[Strategy]
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "grid":
             space = {key: grid_values(param) for s in strategies for key, param in s.space.items()}
-            return optuna.samplers.GridSampler(space, seed=seed)
+            return GridSearch(space, seed=seed)
     raise ConfigError(f"search.sampler must be one of {list(SAMPLERS)}; got {name!r}")
+
+
+class GridSearch(optuna.samplers.GridSampler):
+    """Optuna's grid, without its `study.stop()` once every point is taken: that call only
+    works inside `study.optimize`, and trials here are asked and told. `_next_trial` stops
+    asking instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
 
 
 def grid_values(param: Param) -> list:
@@ -580,6 +589,9 @@ def _next_trial(p: Prepared, n_trials: int) -> optuna.Trial | None:
             control.recover(p.study, p.tracker, local=False)
         running = len(p.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if finished_trials(p.study) + running >= n_trials:
+            return None
+        if isinstance(p.study.sampler, GridSearch) and p.study.sampler.is_exhausted(p.study):
+            logger.info("every point of the grid is evaluated or running: no more trials to run")
             return None
         return p.study.ask()
 

@@ -302,3 +302,17 @@ def test_mixed_precision_search_scans_once_and_records_each_layers_width(tmp_pat
     [parent], children = runs_of(run_dir)
     assert "sensitivity.json" in [a.path for a in MlflowClient(sqlite_uri(run_dir)).list_artifacts(parent.info.run_id)]
     assert all("quantization.layer_bits" in c.data.params for c in children)
+
+
+@needs_fashion_mnist
+def test_a_grid_smaller_than_the_budget_ends_the_run_normally(tmp_path):
+    run_dir = tmp_path / "run"
+    space = "search_space={quantization.weight_bits: [4, 8], quantization.activation_bits: [32]}"
+    args = ["run", SMOKE, "--n-trials", "4", "--run-dir", str(run_dir), "--set", space,
+            "--set", "search.sampler=grid", "--set", "search.anchors=false"]  # fmt: skip
+    assert main(args) == 0
+    trials = finished(run_dir)
+    assert sorted(t.params["quantization.weight_bits"] for t in trials) == [4, 8]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert (run_dir / "report.html").exists()
+    assert main(args) == 0 and len(finished(run_dir)) == 2  # resuming finds nothing left to run
