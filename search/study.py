@@ -367,7 +367,7 @@ def prepare(
         batch_size=s.batch_size,
         report=_report,
     )
-    scanned = next((st for st in strategies if isinstance(st, Quantization) and st.scans), None)
+    scanned = next((st for st in strategies if isinstance(st, Quantization) and st.scans()), None)
     if scanned is not None:  # deterministic, so every process of a study computes the same scan
         progress(f"sensitivity scan: {len(scanned.widths())} weight widths per layer, alone")
         context.sensitivity = sensitivity_scan(teacher, context.calibration_x, scanned.widths(), s.batch_size)

@@ -341,7 +341,6 @@ class Quantization(Strategy):
         use_mixed = mixed.suggest(trial, "quantization.mixed_precision") if True in mixed.choices else False
         return QuantizationConfig(weight_bits=bits, activation_bits=activations, mixed_precision=use_mixed)
 
-    @property
     def scans(self) -> bool:
         """Whether a study of this space needs the sensitivity scan."""
         return True in self.space["quantization.mixed_precision"].choices

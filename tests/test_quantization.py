@@ -372,7 +372,7 @@ def test_mixed_precision_is_searched_only_where_the_space_lists_it():
     params = {"quantization.weight_bits": 4, "quantization.activation_bits": 8}
     assert Quantization().suggest(FixedTrial(params)) == QuantizationConfig(4, 8)
     listed = Quantization({"quantization.mixed_precision": [False, True]})
-    assert listed.scans and not Quantization().scans
+    assert listed.scans() and not Quantization().scans()
     mixed = {**params, "quantization.mixed_precision": True}
     assert listed.suggest(FixedTrial(mixed)) == QuantizationConfig(4, 8, mixed_precision=True)
     with pytest.raises(ValueError, match=r"quantization.mixed_precision must be chosen from \[False, True\]"):
