@@ -18,6 +18,7 @@ from strategies.base import ChoiceParam, Param, Strategy
 OFF: dict[str, Any] = {
     "pruning.structured_ratio": 0.0,
     "pruning.unstructured_sparsity": 0.0,
+    "pruning.per_layer_sparsity": False,
     "quantization.weight_bits": 32,
     "quantization.mixed_precision": False,
     "distillation.epochs": 0,

@@ -40,7 +40,6 @@ from search.tracking import Tracker
 from strategies import pipeline
 from strategies.artifact import load_artifact, save_artifact
 from strategies.base import ChoiceParam, CompressionError, Context, IntParam, Param, Strategy
-from strategies.quantization import Quantization, quantized_layers, sensitivity_scan
 from strategies.runtime import ARTIFACT_NAME, Deployable, check_agreement, materialize
 
 logger = logging.getLogger(__name__)
@@ -367,10 +366,11 @@ def prepare(
         batch_size=s.batch_size,
         report=_report,
     )
-    scanned = next((st for st in strategies if isinstance(st, Quantization) and st.scans()), None)
-    if scanned is not None:  # deterministic, so every process of a study computes the same scan
-        progress(f"sensitivity scan: {len(scanned.widths())} weight widths per layer, alone")
-        context.sensitivity = sensitivity_scan(teacher, context.calibration_x, scanned.widths(), s.batch_size)
+    for strategy in strategies:  # deterministic, so every process of a study computes the same scans
+        scan = strategy.sensitivity(teacher, context.calibration_x, s.batch_size)
+        if scan is not None:
+            progress(f"sensitivity scan for {strategy.name}: {len(scan)} layers, each alone")
+            context.sensitivity[strategy.name] = scan
     eval_context = EvalContext(
         val_x=workload.val.x,
         val_y=workload.val.y,
@@ -414,7 +414,7 @@ def prepare(
             metrics={f"baseline_{k}": v for k, v in baseline.items()},
             tags={"study_name": config.name, "role": "study"},
         )
-        if context.sensitivity is not None:
+        if context.sensitivity:
             path = run_dir / SENSITIVITY_FILE
             path.write_text(json.dumps(context.sensitivity, indent=1))
             tracker.log_artifact(parent_run_id, path)
@@ -460,10 +460,10 @@ def _objective(p: Prepared) -> Callable[[optuna.Trial], tuple[float, ...]]:
                 context = dataclasses.replace(p.context, after_epoch=early_stop_check(p, trial, configs))
                 torch.manual_seed(p.config.seed + trial.number)
                 model = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, configs, context)
-                if getattr(configs.get("quantization"), "mixed_precision", False):
-                    widths = " ".join(f"{n}:{int(m.weight_bits)}" for n, m in quantized_layers(model))
-                    trial.set_user_attr("layer_bits", widths)
-                    p.tracker.log(run_id, params={"quantization.layer_bits": widths})
+                for strategy in p.strategies:  # per-layer levels the trial chose (mixed precision, ...)
+                    for key, value in strategy.layer_record(model, configs[strategy.name]).items():
+                        trial.set_user_attr(key, value)
+                        p.tracker.log(run_id, params={key: value})
                 deployable = deploy(p.config, p.workload, model, p.run_dir / "trials" / f"{trial.number:04d}")
                 disagreement = 0.0
                 if deployable.onnx_path is not None:
@@ -683,8 +683,7 @@ def trial_rows(study: optuna.Study, baseline: dict[str, float]) -> list[dict[str
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "pareto": t.number in on_front}
         row.update(t.params)
         row.update({k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        if "layer_bits" in t.user_attrs:  # mixed precision: the width each layer got
-            row["quantization.layer_bits"] = t.user_attrs["layer_bits"]
+        row.update({k: v for k, v in t.user_attrs.items() if "." in k and isinstance(v, str)})  # per-layer levels
         row["anchor"] = t.user_attrs.get("anchor", "")
         if t.constraints:
             row["feasible"] = feasible(t)

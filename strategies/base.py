@@ -165,9 +165,9 @@ class Context:
     # `with context.fake_quant(model):` so it trains against the quantized weights
     # (straight-through gradients) it will be deployed with.
     fake_quant: Callable[[nn.Module], AbstractContextManager] | None = None
-    # The sensitivity scan, when the search space has mixed precision: for each quantizable
-    # layer and weight width, how far quantizing that layer alone moves the model's outputs.
-    sensitivity: Mapping[str, Mapping[int, float]] | None = None
+    # Per strategy name, its sensitivity scan when its search space needs one: for each layer
+    # and level, how far changing that layer alone moves the model's outputs.
+    sensitivity: Mapping[str, Mapping[str, Mapping[float, float]]] = field(default_factory=dict)
 
 
 # -------------------------------------------------------------------------- strategy
@@ -209,6 +209,16 @@ class Strategy(ABC):
     def is_active(self, config: StrategyConfig) -> bool:
         """False when this config leaves the model unchanged (e.g. ratio 0)."""
         return True
+
+    def layer_record(self, model: nn.Module, config: StrategyConfig) -> dict[str, str]:
+        """What this config did to each layer of the compressed `model`, when that is the
+        trial's own choice (per-layer levels), for the trial's record; else nothing."""
+        return {}
+
+    def sensitivity(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> dict | None:
+        """The per-layer scan this search space needs, once per study (strategies.sensitivity),
+        or None."""
+        return None
 
     def describe(self) -> dict[str, Sequence]:
         return {name: list(param.values()) for name, param in self.space.items()}

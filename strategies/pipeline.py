@@ -62,7 +62,7 @@ def compress(
         if pending and not isinstance(strategy, (StructuredPruning, UnstructuredPruning)):
             # Pruning is done: allot mixed-precision widths to the weights that are left.
             pending = False
-            quant_config = resolve_layer_bits(model, configs[quant.name], context.sensitivity)
+            quant_config = resolve_layer_bits(model, configs[quant.name], context.sensitivity.get(quant.name))
             configs[quant.name] = quant_config
             if quant_config.weight_bits < 32:
                 # Fine-tuning trains against the weights it will be deployed with.

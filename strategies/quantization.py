@@ -20,8 +20,8 @@ BatchNorm is folded first, so the quantized weights are the ones that really run
 Mixed precision (searched when the search space lists `quantization.mixed_precision`):
 `weight_bits` is then the average width over the weights, and each layer gets its own width.
 A sensitivity scan, once per study, measures how far quantizing each layer alone moves the
-uncompressed model's outputs (`sensitivity_scan`); after pruning, `allocate_bits` spends the
-trial's bit budget where it buys the most of that back. The per-layer widths travel as each
+uncompressed model's outputs (`strategies.sensitivity`); after pruning, the trial's bit budget
+is spent where it buys the most of that back. The per-layer widths travel as each
 layer's `weight_bits` buffer, which the artifact and the ONNX export already read.
 """
 
@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from strategies import sensitivity
 from strategies.base import ChoiceParam, CompressionError, Context, Strategy, StrategyConfig
 from strategies.fold import fold_batchnorm_
 
@@ -147,75 +148,9 @@ def quantize_weights_(model: nn.Module, bits_of: Callable[[str], int]) -> None:
 # ---------------------------------------------------------------- mixed precision
 
 
-def sensitivity_scan(
-    model: nn.Module, x: torch.Tensor, widths: tuple[int, ...], batch_size: int
-) -> dict[str, dict[int, float]]:
-    """For each layer and width: the outputs' mean KL divergence from the float model's on `x`
-    when only that layer's weights are quantized (BatchNorm folded first, as deployed)."""
-    model = copy.deepcopy(model).eval()
-    fold_batchnorm_(model)
-
-    def log_probs() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).log_softmax(1)
-
-    reference = log_probs()
-    scan: dict[str, dict[int, float]] = {}
-    for name, module in quantized_layers(model):
-        weight = module.weight.data
-        scan[name] = {}
-        for bits in widths:
-            scale = channel_scales(weight, bits)
-            module.weight.data = dequantize(weight_codes(weight, scale, bits), scale)
-            kl = nn.functional.kl_div(log_probs(), reference, reduction="batchmean", log_target=True)
-            scan[name][bits] = max(float(kl), 0.0)
-        module.weight.data = weight
-    return scan
-
-
-def allocate_bits(
-    counts: Mapping[str, int], scan: Mapping[str, Mapping[int, float]], average: int
-) -> dict[str, int]:
-    """Per-layer widths whose mean over the `counts` weights is at most `average`, with as
-    little summed sensitivity as the search below finds.
-
-    A Lagrangian split first: each layer takes the width minimising sensitivity + lam * bits,
-    with the smallest lam that fits the budget (bisection). What budget is left then goes,
-    greedily, to the widening that removes the most sensitivity per added bit. The uniform
-    assignment is kept when this is no better. Layers the scan does not know keep `average`.
-    """
-    layers = [name for name in counts if name in scan]
-    widths = sorted(next(iter(scan.values()))) if scan else []
-    if average not in widths or not layers:
-        return {name: average for name in counts}
-    budget = average * sum(counts[name] for name in layers)
-
-    def split(lam: float) -> dict[str, int]:
-        return {n: min(widths, key=lambda w: (scan[n][w] + lam * counts[n] * w, w)) for n in layers}
-
-    def used(bits: Mapping[str, int]) -> int:
-        return sum(counts[n] * bits[n] for n in layers)
-
-    lo, hi = 0.0, 1.0
-    while used(split(hi)) > budget:
-        hi *= 10
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if used(split(mid)) <= budget else (mid, hi)
-    bits = split(hi)
-    while True:
-        moves = [
-            ((scan[n][bits[n]] - scan[n][w]) / max(counts[n] * (w - bits[n]), 1), n, w)
-            for n in layers for w in widths
-            if w > bits[n] and scan[n][w] < scan[n][bits[n]] and used({**bits, n: w}) <= budget
-        ]  # fmt: skip
-        if not moves:
-            break
-        _, name, width = max(moves)
-        bits[name] = width
-    if sum(scan[n][bits[n]] for n in layers) >= sum(scan[n][average] for n in layers):
-        bits = {name: average for name in layers}
-    return {name: bits.get(name, average) for name in counts}
+def _quantized(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    scale = channel_scales(weight, bits)
+    return dequantize(weight_codes(weight, scale, bits), scale)
 
 
 def resolve_layer_bits(model: nn.Module, config: QuantizationConfig, scan: Mapping | None) -> QuantizationConfig:
@@ -225,7 +160,8 @@ def resolve_layer_bits(model: nn.Module, config: QuantizationConfig, scan: Mappi
     if not scan:
         raise QuantizationError("mixed precision needs the sensitivity scan, and the study has none")
     counts = {name: int(torch.count_nonzero(m.weight)) for name, m in quantized_layers(model)}
-    return dataclasses.replace(config, layer_bits=tuple(allocate_bits(counts, scan, config.weight_bits).items()))
+    widths = sensitivity.allocate(counts, scan, config.weight_bits)
+    return dataclasses.replace(config, layer_bits=tuple((name, int(bits)) for name, bits in widths.items()))
 
 
 # -------------------------------------------------------------------- activations
@@ -341,12 +277,20 @@ class Quantization(Strategy):
         use_mixed = mixed.suggest(trial, "quantization.mixed_precision") if True in mixed.choices else False
         return QuantizationConfig(weight_bits=bits, activation_bits=activations, mixed_precision=use_mixed)
 
-    def scans(self) -> bool:
-        """Whether a study of this space needs the sensitivity scan."""
-        return True in self.space["quantization.mixed_precision"].choices
+    def layer_record(self, model: nn.Module, config: QuantizationConfig) -> dict[str, str]:
+        if not config.mixed_precision:
+            return {}
+        return {"quantization.layer_bits": " ".join(f"{n}:{int(m.weight_bits)}" for n, m in quantized_layers(model))}
 
-    def widths(self) -> tuple[int, ...]:
-        return tuple(b for b in self.space["quantization.weight_bits"].choices if b < 32)
+    def sensitivity(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> dict | None:
+        """Each layer's sensitivity at each weight width of the space, BatchNorm folded as
+        deployed; None unless mixed precision is searched."""
+        if True not in self.space["quantization.mixed_precision"].choices:
+            return None
+        model = copy.deepcopy(model).eval()
+        fold_batchnorm_(model)
+        widths = [b for b in self.space["quantization.weight_bits"].choices if b < 32]
+        return sensitivity.scan(model, x, batch_size, widths, _quantized)
 
     def is_active(self, config: QuantizationConfig) -> bool:
         return config.weight_bits < 32 or config.activation_bits < 32

@@ -11,6 +11,7 @@ def test_every_anchor_is_one_technique_alone_within_the_space():
             "pruning.unstructured_sparsity": [0.0, 0.95],
             "quantization.weight_bits": [2, 4, 8, 32],
             "quantization.mixed_precision": [False, True],
+            "pruning.per_layer_sparsity": [False, True],
             "distillation.epochs": [0, 2],
         }
     )
@@ -19,6 +20,7 @@ def test_every_anchor_is_one_technique_alone_within_the_space():
     assert anchors["int8"] == {
         "pruning.structured_ratio": 0.0,
         "pruning.unstructured_sparsity": 0.0,
+        "pruning.per_layer_sparsity": False,  # one global threshold
         "quantization.weight_bits": 8,
         "quantization.activation_bits": 8,
         "quantization.mixed_precision": False,  # the same width everywhere

@@ -81,3 +81,34 @@ def test_suggest_uses_namespaced_params():
     trial = study.ask()
     config = StructuredPruning({"pruning.structured_ratio": [0.1, 0.2]}).suggest(trial)
     assert 0.1 <= config.ratio <= 0.2 and list(trial.params) == ["pruning.structured_ratio"]
+
+
+def test_per_layer_sparsity_spares_the_sensitive_layers_and_keeps_the_overall_sparsity():
+    from optuna.trial import FixedTrial
+
+    model = trained_like(MODELS["lenet5"])
+    strategy = UnstructuredPruning({"pruning.per_layer_sparsity": [False, True]})
+    assert UnstructuredPruning().sensitivity(model, context().calibration_x, 32) is None
+    ctx = context(n=256)
+    scan = strategy.sensitivity(model, ctx.calibration_x, 32)
+    sizes = {name: w.numel() for name, w in prunable_weights(model)}
+    assert list(scan) == list(sizes) and all(v[1.0] == 0.0 and v[0.01] > v[0.5] for v in scan.values())
+    # the first convolution (500 weights) as the most sensitive layer, the 400k-weight one as the least
+    names = list(sizes)
+    costs = {n: {d: (1 - d) * f for d in scan[n]} for n, f in zip(names, (100.0, 10.0, 0.1, 1.0))}
+    ctx.sensitivity = {"unstructured_pruning": costs}
+
+    config = strategy.suggest(FixedTrial({"pruning.unstructured_sparsity": 0.9, "pruning.per_layer_sparsity": True}))
+    assert config == UnstructuredPruningConfig(0.9, per_layer=True)
+    pruned = strategy.apply(trained_like(MODELS["lenet5"]), config, ctx)
+    zeros = {name: int((w == 0).sum()) for name, w in prunable_weights(pruned)}
+    assert sum(zeros.values()) >= 0.9 * sum(sizes.values()) - len(sizes)  # the overall target holds
+    assert zeros[names[0]] / sizes[names[0]] < zeros[names[2]] / sizes[names[2]]
+    record = strategy.layer_record(pruned, config)["pruning.layer_sparsity"]
+    assert record.split()[2] == f"{names[2]}:{zeros[names[2]] / sizes[names[2]]:.3f}"
+    assert strategy.layer_record(pruned, UnstructuredPruningConfig(0.9)) == {}
+
+    with pytest.raises(CompressionError, match="sensitivity scan"):
+        strategy.apply(trained_like(MODELS["lenet5"]), config, context())
+    with pytest.raises(ValueError, match=r"pruning.per_layer_sparsity must be one of \[False, True\]"):
+        UnstructuredPruningConfig(0.5, per_layer="yes")

@@ -341,29 +341,31 @@ def test_training_simulation_at_32_bits_changes_nothing():
 # ---------------------------------------------------------------- mixed precision
 
 
-def test_allocation_spends_the_bit_budget_where_the_sensitivity_is():
-    from strategies.quantization import allocate_bits
+def test_allocation_spends_the_budget_where_the_sensitivity_is():
+    from strategies.sensitivity import _at, allocate
 
     counts = {"big": 1000, "small": 10}
-    scan = {"big": {2: 0.5, 3: 0.1, 4: 0.05, 8: 0.0}, "small": {2: 5.0, 3: 1.0, 4: 0.5, 8: 0.0}}
-    assert allocate_bits(counts, scan, 4) == {"big": 3, "small": 8}
-    assert allocate_bits(counts, scan, 2) == {"big": 2, "small": 2}  # nothing is narrower
-    assert allocate_bits({**counts, "unscanned": 50}, scan, 4)["unscanned"] == 4
-    assert allocate_bits(counts, scan, 5) == {"big": 5, "small": 5}  # not a scanned width: uniform
+    costs = {"big": {2: 0.5, 3: 0.1, 4: 0.05, 8: 0.0}, "small": {2: 5.0, 3: 1.0, 4: 0.5, 8: 0.0}}
+    assert allocate(counts, costs, 4) == {"big": 3, "small": 8}
+    assert allocate(counts, costs, 2) == {"big": 2, "small": 2}  # nothing is lower
+    assert allocate({**counts, "unscanned": 50}, costs, 4)["unscanned"] == 4
+    # a level between the measured ones: its cost is interpolated, and the budget still holds
+    between = allocate(counts, costs, 0.35 * 2 + 0.65 * 3)
+    assert sum(counts[k] * between[k] for k in counts) <= 2.65 * sum(counts.values()) + 1e-9
 
     rng = torch.Generator().manual_seed(0)
-    widths = (2, 3, 4, 5, 6, 8)
+    levels = (2, 3, 4, 5, 6, 8)
     for _ in range(200):
         n = int(torch.randint(1, 6, (1,), generator=rng))
         counts = {str(i): int(c) for i, c in enumerate(torch.randint(1, 10_000, (n,), generator=rng))}
-        scan = {}
-        for name in counts:  # decreasing with the width, as measured
-            steps = torch.rand(len(widths), generator=rng).sort(descending=True).values.cumsum(0).flip(0)
-            scan[name] = dict(zip(widths, steps.tolist()))
-        average = widths[int(torch.randint(0, len(widths), (1,), generator=rng))]
-        bits = allocate_bits(counts, scan, average)
-        assert sum(counts[k] * bits[k] for k in counts) <= average * sum(counts.values())
-        assert sum(scan[k][bits[k]] for k in counts) <= sum(scan[k][average] for k in counts) + 1e-12
+        costs = {}
+        for name in counts:  # decreasing with the level, as measured
+            steps = torch.rand(len(levels), generator=rng).sort(descending=True).values.cumsum(0).flip(0)
+            costs[name] = dict(zip(levels, steps.tolist()))
+        average = float(torch.empty(1).uniform_(2, 8, generator=rng))
+        chosen = allocate(counts, costs, average)
+        assert sum(counts[k] * chosen[k] for k in counts) <= average * sum(counts.values()) * (1 + 1e-9)
+        assert sum(_at(costs[k], chosen[k]) for k in counts) <= sum(_at(costs[k], average) for k in counts) + 1e-9
 
 
 def test_mixed_precision_is_searched_only_where_the_space_lists_it():
@@ -372,7 +374,7 @@ def test_mixed_precision_is_searched_only_where_the_space_lists_it():
     params = {"quantization.weight_bits": 4, "quantization.activation_bits": 8}
     assert Quantization().suggest(FixedTrial(params)) == QuantizationConfig(4, 8)
     listed = Quantization({"quantization.mixed_precision": [False, True]})
-    assert listed.scans() and not Quantization().scans()
+    assert Quantization().sensitivity(random_model(), inputs(), 16) is None
     mixed = {**params, "quantization.mixed_precision": True}
     assert listed.suggest(FixedTrial(mixed)) == QuantizationConfig(4, 8, mixed_precision=True)
     with pytest.raises(ValueError, match=r"quantization.mixed_precision must be chosen from \[False, True\]"):

@@ -128,7 +128,7 @@ def test_low_bit_integer_layers_predict_as_the_simulation(tmp_path, model_name):
 
 def test_mixed_precision_gives_each_layer_its_width_and_runs_the_same(tmp_path):
     from strategies import pipeline
-    from strategies.quantization import quantized_layers, sensitivity_scan
+    from strategies.quantization import quantized_layers
 
     model = trained_like(MODELS["lenet5"])
     layers = [name for name, _ in quantized_layers(model)]
@@ -138,7 +138,7 @@ def test_mixed_precision_gives_each_layer_its_width_and_runs_the_same(tmp_path):
         {2: 0.12, 3: 0.014, 4: 0.0073, 8: 1e-5}, {2: 0.34, 3: 0.0084, 4: 0.0027, 8: 1e-5},
         {2: 0.10, 3: 0.0030, 4: 0.0004, 8: 0.0}, {2: 0.17, 3: 0.0032, 4: 0.0007, 8: 0.0},
     ]))  # fmt: skip
-    ctx = context(n=256, sensitivity=scan)
+    ctx = context(n=256, sensitivity={"quantization": scan})
     strategies = pipeline.build_strategies({"quantization.mixed_precision": [True]})
     built = {}
     for mixed in (False, True):
@@ -154,7 +154,8 @@ def test_mixed_precision_gives_each_layer_its_width_and_runs_the_same(tmp_path):
     x = torch.randn(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     assert check_agreement(d.predict, lambda b: built[True](b).detach(), x) == 0.0
 
-    measured = sensitivity_scan(model, ctx.calibration_x, (2, 4, 8), 32)
+    space = {"quantization.weight_bits": [2, 4, 8, 32], "quantization.mixed_precision": [False, True]}
+    measured = Quantization(space).sensitivity(model, ctx.calibration_x, 32)
     assert list(measured) == layers and all(set(v) == {2, 4, 8} for v in measured.values())
     assert all(v[2] > v[8] >= 0 for v in measured.values())  # narrower weights move the outputs more
     with pytest.raises(CompressionError, match="sensitivity scan"):

@@ -281,27 +281,35 @@ def test_a_trial_far_below_its_neighbours_after_one_epoch_stops_early(tmp_path, 
 
 
 @needs_fashion_mnist
-def test_mixed_precision_search_scans_once_and_records_each_layers_width(tmp_path):
+def test_per_layer_search_scans_once_and_records_each_layers_level(tmp_path):
     from strategies.artifact import load_artifact
     from strategies.quantization import quantized_layers
     from tests.helpers import MODELS
 
     run_dir = tmp_path / "run"
-    space = "search_space={quantization.weight_bits: [3, 4, 8], quantization.mixed_precision: [true]}"
+    space = (
+        "search_space={quantization.weight_bits: [3, 4, 8], quantization.mixed_precision: [true], "
+        "pruning.unstructured_sparsity: [0.5, 0.9], pruning.per_layer_sparsity: [true]}"
+    )
     args = ["run", SMOKE, "--n-trials", "3", "--run-dir", str(run_dir), "--set", space, "--set", "search.anchors=false"]
     assert main(args) == 0
-    scan = json.loads((run_dir / "sensitivity.json").read_text())
-    assert set(scan) == {"1", "3", "5"} and all(set(v) == {"3", "4", "8"} for v in scan.values())
+    scans = json.loads((run_dir / "sensitivity.json").read_text())
+    assert set(scans) == {"quantization", "unstructured_pruning"}
+    assert set(scans["quantization"]) == {"1", "3", "5"}
+    assert all(set(v) == {"3", "4", "8"} for v in scans["quantization"].values())
     trials = finished(run_dir)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     for t in trials:
-        assert t.params["quantization.mixed_precision"] is True
+        assert t.params["quantization.mixed_precision"] is True and t.params["pruning.per_layer_sparsity"] is True
         stored = load_artifact(run_dir / "trials" / f"{t.number:04d}" / "weights.acw", MODELS["lenet300"])
-        widths = " ".join(f"{n}:{int(m.weight_bits)}" for n, m in quantized_layers(stored))
-        assert t.user_attrs["layer_bits"] == widths  # what was recorded is what was deployed
+        layers = list(quantized_layers(stored))
+        # what was recorded is what was deployed
+        assert t.user_attrs["quantization.layer_bits"] == " ".join(f"{n}:{int(m.weight_bits)}" for n, m in layers)
+        sparsity = " ".join(f"{n}:{float((m.weight == 0).float().mean()):.3f}" for n, m in layers)
+        assert t.user_attrs["pruning.layer_sparsity"] == sparsity
     [parent], children = runs_of(run_dir)
     assert "sensitivity.json" in [a.path for a in MlflowClient(sqlite_uri(run_dir)).list_artifacts(parent.info.run_id)]
-    assert all("quantization.layer_bits" in c.data.params for c in children)
+    assert all({"quantization.layer_bits", "pruning.layer_sparsity"} <= set(c.data.params) for c in children)
 
 
 @needs_fashion_mnist
