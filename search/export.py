@@ -20,7 +20,7 @@ from torch import nn
 
 from experiments.workloads import model_factory
 from search.config import ConfigError
-from search.study import load_run_config, open_study
+from search.study import load_run_config, open_study, trial_params
 from strategies.artifact import load_artifact
 from strategies.runtime import ARTIFACT_NAME, ONNX_NAME
 
@@ -51,7 +51,7 @@ def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
         "study": config.name,
         "trial": trial_number,
         "model": config.workload.model,
-        "params": trial.params,
+        "params": trial_params(trial),
         "metrics": {
             k: v for k, v in trial.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         },

@@ -676,14 +676,18 @@ def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(study.best_trials, key=lambda t: t.number)
 
 
+def trial_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The trial's parameters, with the per-layer levels it chose (``quantization.layer_bits``)."""
+    return {**trial.params, **{k: v for k, v in trial.user_attrs.items() if "." in k and isinstance(v, str)}}
+
+
 def trial_rows(study: optuna.Study, baseline: dict[str, float]) -> list[dict[str, Any]]:
     on_front = {t.number for t in pareto_trials(study)}
     rows = []
     for t in study.trials:
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "pareto": t.number in on_front}
-        row.update(t.params)
+        row.update(trial_params(t))
         row.update({k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        row.update({k: v for k, v in t.user_attrs.items() if "." in k and isinstance(v, str)})  # per-layer levels
         row["anchor"] = t.user_attrs.get("anchor", "")
         if t.constraints:
             row["feasible"] = feasible(t)

@@ -307,6 +307,9 @@ def test_per_layer_search_scans_once_and_records_each_layers_level(tmp_path):
         assert t.user_attrs["quantization.layer_bits"] == " ".join(f"{n}:{int(m.weight_bits)}" for n, m in layers)
         sparsity = " ".join(f"{n}:{float((m.weight == 0).float().mean()):.3f}" for n, m in layers)
         assert t.user_attrs["pruning.layer_sparsity"] == sparsity
+    assert main(["export", "--run-dir", str(run_dir), "--trial", "0", "--out", str(tmp_path / "pkg")]) == 0
+    spec = json.loads((tmp_path / "pkg" / "model.json").read_text())
+    assert spec["params"]["quantization.layer_bits"] == trials[0].user_attrs["quantization.layer_bits"]
     [parent], children = runs_of(run_dir)
     assert "sensitivity.json" in [a.path for a in MlflowClient(sqlite_uri(run_dir)).list_artifacts(parent.info.run_id)]
     assert all({"quantization.layer_bits", "pruning.layer_sparsity"} <= set(c.data.params) for c in children)
