@@ -78,7 +78,7 @@ def _as_trial_failure(error: BaseException) -> BaseException:
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONFIG_FILE = "config.json"
-SENSITIVITY_FILE = "sensitivity.json"  # the mixed-precision scan, when the space has one
+SENSITIVITY_FILE = "sensitivity.json"  # the per-layer scans, when the space lists an option that needs one
 
 
 @dataclass

@@ -21,6 +21,11 @@ class CompressionError(Exception):
     """A strategy cannot apply to this model. The trial fails with this message as reason."""
 
 
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Conv2d/Linear layer: what the strategies prune, quantize and scan, by name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
 # ---------------------------------------------------------------------------- configs
 
 
@@ -209,6 +214,15 @@ class Strategy(ABC):
     def is_active(self, config: StrategyConfig) -> bool:
         """False when this config leaves the model unchanged (e.g. ratio 0)."""
         return True
+
+    def offers(self, key: str) -> bool:
+        """Whether the space can turn on `key`, an option that is off unless listed."""
+        return True in self.space[key].choices
+
+    def suggest_option(self, trial: Any, key: str) -> bool:
+        """An option that is off unless listed: suggested only where the space can turn it on,
+        so the trials of other search spaces do not record it."""
+        return self.space[key].suggest(trial, key) if self.offers(key) else False
 
     def layer_record(self, model: nn.Module, config: StrategyConfig) -> dict[str, str]:
         """What this config did to each layer of the compressed `model`, when that is the

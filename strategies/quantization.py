@@ -40,16 +40,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from strategies import sensitivity
-from strategies.base import ChoiceParam, CompressionError, Context, Strategy, StrategyConfig
+from strategies.base import ChoiceParam, CompressionError, Context, Strategy, StrategyConfig, weight_layers
 from strategies.fold import fold_batchnorm_
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 32)
 ACTIVATION_BITS = (8, 32)
-LAYERS = (nn.Conv2d, nn.Linear)
-
-
 class QuantizationError(CompressionError):
     pass
 
@@ -116,8 +113,8 @@ def distinct_codes_per_channel(module: nn.Module) -> list[int]:
     return [len(torch.unique(row)) for row in module.weight.detach().flatten(1)]
 
 
-def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    return ((name, m) for name, m in model.named_modules() if isinstance(m, LAYERS))
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return weight_layers(model)
 
 
 def set_weight_quantization_(module: nn.Module, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
@@ -272,10 +269,8 @@ class Quantization(Strategy):
         if bits == 32:  # activations are only searched together with weights
             return QuantizationConfig(weight_bits=32, activation_bits=32)
         activations = self.space["quantization.activation_bits"].suggest(trial, "quantization.activation_bits")
-        mixed = self.space["quantization.mixed_precision"]
-        # an option that is off unless listed: trials of other search spaces do not record it
-        use_mixed = mixed.suggest(trial, "quantization.mixed_precision") if True in mixed.choices else False
-        return QuantizationConfig(weight_bits=bits, activation_bits=activations, mixed_precision=use_mixed)
+        mixed = self.suggest_option(trial, "quantization.mixed_precision")
+        return QuantizationConfig(weight_bits=bits, activation_bits=activations, mixed_precision=mixed)
 
     def layer_record(self, model: nn.Module, config: QuantizationConfig) -> dict[str, str]:
         if not config.mixed_precision:
@@ -285,7 +280,7 @@ class Quantization(Strategy):
     def sensitivity(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> dict | None:
         """Each layer's sensitivity at each weight width of the space, BatchNorm folded as
         deployed; None unless mixed precision is searched."""
-        if True not in self.space["quantization.mixed_precision"].choices:
+        if not self.offers("quantization.mixed_precision"):
             return None
         model = copy.deepcopy(model).eval()
         fold_batchnorm_(model)

@@ -15,8 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-LAYERS = (nn.Conv2d, nn.Linear)
-
+from strategies.base import weight_layers
 
 def scan(
     model: nn.Module,
@@ -35,9 +34,7 @@ def scan(
 
     reference = log_probs()
     result: dict[str, dict[float, float]] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, LAYERS):
-            continue
+    for name, module in weight_layers(model):
         weight = module.weight.data
         result[name] = {}
         for level in levels:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from strategies import sensitivity
-from strategies.base import ChoiceParam, CompressionError, Context, FloatParam, Strategy, StrategyConfig
+from strategies.base import ChoiceParam, CompressionError, Context, FloatParam, Strategy, StrategyConfig, weight_layers
 
 
 class UnstructuredPruningError(CompressionError):
@@ -50,7 +50,7 @@ class UnstructuredPruningConfig(StrategyConfig):
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, m.weight) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [(name, m.weight) for name, m in weight_layers(model)]
 
 
 def prune_weights_(model: nn.Module, sparsity: float) -> nn.Module:
@@ -120,11 +120,8 @@ class UnstructuredPruning(Strategy):
     def suggest(self, trial: Any) -> UnstructuredPruningConfig:
         key = "pruning.unstructured_sparsity"
         sparsity = self.space[key].suggest(trial, key)
-        per_layer = self.space["pruning.per_layer_sparsity"]
-        # an option that is off unless listed: trials of other search spaces do not record it
-        if sparsity > 0 and True in per_layer.choices:
-            return UnstructuredPruningConfig(sparsity, per_layer.suggest(trial, "pruning.per_layer_sparsity"))
-        return UnstructuredPruningConfig(sparsity)
+        per_layer = sparsity > 0 and self.suggest_option(trial, "pruning.per_layer_sparsity")
+        return UnstructuredPruningConfig(sparsity, per_layer)
 
     def layer_record(self, model: nn.Module, config: UnstructuredPruningConfig) -> dict[str, str]:
         if not config.per_layer:
@@ -134,7 +131,7 @@ class UnstructuredPruning(Strategy):
 
     def sensitivity(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> dict | None:
         """Each layer's sensitivity at SCAN_DENSITIES; None unless per-layer sparsity is searched."""
-        if True not in self.space["pruning.per_layer_sparsity"].choices:
+        if not self.offers("pruning.per_layer_sparsity"):
             return None
         return sensitivity.scan(model, x, batch_size, SCAN_DENSITIES, _pruned)
 
