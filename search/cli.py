@@ -254,7 +254,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     if args.seeds < 2 or not args.budgets or min(args.budgets) < 1:
         raise UsageError(f"--seeds must be >= 2 and --budgets whole numbers >= 1; got {args.seeds} and {args.budgets}")
     started = time.perf_counter()
-    results = run_efficiency(table, args.samplers, args.seeds, sorted(args.budgets), reference=args.reference,
+    results = run_efficiency(table, args.samplers, args.seeds, sorted(args.budgets), references=args.reference,
                              progress=logger.info)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["auto", "tpe", "gp", "nsga2", "random", "random-plain", "grid"])  # fmt: skip
     eff.add_argument("--seeds", type=int, default=10)
     eff.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 100])
-    eff.add_argument("--reference", default="box", choices=["box", "nadir"],
-                     help="hypervolume reference point: the search's own box, or the table's worst values")  # fmt: skip
+    eff.add_argument("--reference", nargs="+", default=["nadir", "box"], choices=["nadir", "box"],
+                     help="hypervolume reference points: the table's worst values, the search's own box")  # fmt: skip
     eff.add_argument("--out", default="runs/efficiency")
     eff.set_defaults(func=cmd_efficiency)
 

@@ -16,7 +16,7 @@ def test_every_anchor_is_one_technique_alone_within_the_space():
         }
     )
     anchors = anchor_params(strategies)
-    assert list(anchors) == ["int8", "4-bit", "structured-50", "unstructured-80", "student-half"]
+    assert list(anchors) == ["int8", "4-bit", "structured-50", "unstructured-80", "student-half", "student-smallest"]
     assert anchors["int8"] == {
         "pruning.structured_ratio": 0.0,
         "pruning.unstructured_sparsity": 0.0,
@@ -28,6 +28,14 @@ def test_every_anchor_is_one_technique_alone_within_the_space():
     }
     assert anchors["student-half"]["distillation.epochs"] == 2  # the top of the range
     assert anchors["student-half"]["quantization.weight_bits"] == 32
+    assert anchors["student-smallest"]["pruning.structured_ratio"] == 0.75  # the top of the range
+    assert anchors["student-smallest"]["distillation.epochs"] == 2
+
+
+def test_an_anchor_that_repeats_an_earlier_one_is_left_out():
+    strategies = pipeline.build_strategies({"pruning.structured_ratio": [0.0, 0.5], "distillation.epochs": [0, 1]})
+    anchors = anchor_params(strategies)
+    assert list(anchors) == ["structured-50", "student-half"]  # the narrowest student is the half-width one
 
 
 def test_anchors_outside_the_space_are_skipped_and_off_values_left_to_the_sampler():
