@@ -210,6 +210,13 @@ def _replay_job(job: tuple) -> tuple[tuple, list[int]]:
 
 
 REFERENCES = ("nadir", "box")
+
+
+def _sampler(name: str, n_trials: int) -> str:
+    """The sampler an entry runs at a budget: ``auto`` resolves by it; ``random-plain`` is random."""
+    from search.study import resolve_sampler
+
+    return resolve_sampler(name.replace("-plain", ""), n_trials)
 TARGET = {"budget": 50, "hv_ratio": 0.99, "p": 0.05}  # the default sampler's, against random search
 
 
@@ -230,17 +237,14 @@ def run_efficiency(
     """
     from multiprocessing import Pool
 
-    from search.study import resolve_sampler
-
     tables = {ref: Table.load(table_path, ref) for ref in references}  # raises on an unknown reference
     table = next(iter(tables.values()))
     entries = [(s, s != "random-plain") for s in samplers]
     jobs = {}
     for name, anchors in entries:
         for n in budgets:
-            resolved = resolve_sampler(name.replace("-plain", ""), n)
             for seed in range(seeds):
-                key = (str(table_path), resolved, seed, anchors)
+                key = (str(table_path), _sampler(name, n), seed, anchors)
                 jobs[key] = max(jobs.get(key, 0), n)
     progress(
         f"replaying {len(jobs)} studies on {len(table.rows)} configurations ({len(table.front)} on the true front)"
@@ -253,8 +257,8 @@ def run_efficiency(
             )
         )
     runs = {
-        name: {n: [done[(str(table_path), resolve_sampler(name.replace("-plain", ""), n), seed, anchors)][:n]
-                   for seed in range(seeds)] for n in budgets}
+        name: {n: [done[(str(table_path), _sampler(name, n), seed, anchors)][:n] for seed in range(seeds)]
+               for n in budgets}
         for name, anchors in entries
     }  # fmt: skip
     return {
@@ -270,8 +274,6 @@ def _figures(table: Table, runs: dict[str, dict[int, list[list[int]]]], budgets:
     """Each sampler's hypervolume ratios and Pareto shares against one table's reference point."""
     from scipy.stats import mannwhitneyu
 
-    from search.study import resolve_sampler
-
     samplers: dict[str, Any] = {}
     for name, per_n in runs.items():
         samplers[name] = {}
@@ -279,7 +281,7 @@ def _figures(table: Table, runs: dict[str, dict[int, list[list[int]]]], budgets:
             ratios = [table.hypervolume(r) / table.exhaustive_hv for r in per_n[n]]
             shares = [len(set(r) & table.front) / len(table.front) for r in per_n[n]]
             samplers[name][str(n)] = {
-                "sampler": resolve_sampler(name.replace("-plain", ""), n),
+                "sampler": _sampler(name, n),
                 "hv_ratio": ratios,
                 "pareto_share": shares,
                 "hv_ratio_median": float(np.median(ratios)),
