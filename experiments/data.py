@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from search.config import ConfigError
+from search.workload import Split
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -20,17 +22,8 @@ MEAN, STD = 0.2860, 0.3530
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetMissingError(FileNotFoundError):
-    """The dataset files are not there. The CLI exits 2 with this message."""
-
-
-@dataclass
-class Split:
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
+class DatasetMissingError(ConfigError, FileNotFoundError):
+    """The dataset files are not there: bad input, so the CLI exits 2 with this message."""
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -91,20 +84,3 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> tuple[Split, Split
         if len(split.x) != len(split.y):
             raise ValueError(f"Fashion-MNIST {name} images and labels differ in count")
     return train, test
-
-
-def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
-    """Hold out `val_size` random training samples, deterministically for a given seed."""
-    if not 0 < val_size < len(train):
-        raise ValueError(f"workload.val_size must be between 1 and {len(train) - 1}, got {val_size}")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = order[:val_size], order[val_size:]
-    return Split(train.x[train_idx], train.y[train_idx]), Split(train.x[val_idx], train.y[val_idx])
-
-
-def subset(split: Split, n: int | None, seed: int) -> Split:
-    """A deterministic random subset of `n` samples; None keeps the whole split."""
-    if n is None or n >= len(split):
-        return split
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
-    return Split(split.x[idx], split.y[idx])

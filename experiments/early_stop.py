@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.bench import EXPERIMENTS, technique_config
 from search import front
-from search.bench import EXPERIMENTS, technique_config
 from search.config import load_config, parse_config
-from search.study import feasible_points, prepare, run_trials
+from search.loop import run_trials
+from search.prepare import prepare
+from search.records import feasible_points
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,12 +40,11 @@ def measure(model: str, seed: int, n_trials: int, out: Path, candidates: list[di
     raw["seed"] = seed
     raw["search"].update(early_stop=early_stop, anchors=not early_stop)
     config = parse_config(raw)
-    with prepare(config, out / config.name) as p:
+    with prepare(config, out / config.name) as p, p.tracker.closing(p.parent_run_id):
         if early_stop and not p.study.trials:
             for params in candidates:
                 p.study.enqueue_trial(params)
         run_trials(p, n_trials)
-        p.tracker.end(p.parent_run_id, "FINISHED")
         trials = [t for t in p.study.trials if t.state.is_finished()]
         cpu_hours = sum(t.user_attrs.get("cpu_seconds", 0.0) for t in trials) / 3600
         hv = front.hypervolume(feasible_points(trials), p.baseline, config.search.objectives)
@@ -80,21 +81,27 @@ def main() -> None:
     for seed in range(args.seeds):
         off = measure(args.model, seed, args.n_trials, args.out)
         runs += [off, measure(args.model, seed, args.n_trials, args.out, off["candidates"])]
-    lines = ["| seed | early stop | trials (stopped early) | fine-tune epochs | CPU hours | hypervolume "
-             "| HV per CPU-hour |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| seed | early stop | trials (stopped early) | fine-tune epochs | CPU hours | hypervolume | HV per CPU-hour |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in runs:
-        lines.append(f"| {r['seed']} | {'on' if r['early_stop'] else 'off'} | {r['trials']} ({r['stopped_early']}) | "
-                     f"{r['finetune_epochs']} | {r['cpu_hours']:.4f} | {r['hypervolume']:.4f} | "
-                     f"{r['hv_per_cpu_hour']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {r['seed']} | {'on' if r['early_stop'] else 'off'} | {r['trials']} ({r['stopped_early']}) | "
+            f"{r['finetune_epochs']} | {r['cpu_hours']:.4f} | {r['hypervolume']:.4f} | "
+            f"{r['hv_per_cpu_hour']:.2f} |"
+        )
 
     def on_over_off(key: str) -> float:
-        return float(np.median([on[key] / off[key] for off, on in zip(runs[::2], runs[1::2])]))
+        return float(np.median([on[key] / off[key] for off, on in zip(runs[::2], runs[1::2], strict=False)]))
 
     lines.append("")
-    lines.append(f"on / off on the same candidates, median over {args.seeds} seeds: "
-                 f"HV per CPU-hour {on_over_off('hv_per_cpu_hour'):.2f}x, "
-                 f"hypervolume {on_over_off('hypervolume'):.3f}x, CPU time {on_over_off('cpu_hours'):.3f}x, "
-                 f"fine-tune epochs {on_over_off('finetune_epochs'):.3f}x")  # fmt: skip
+    lines.append(
+        f"on / off on the same candidates, median over {args.seeds} seeds: "
+        f"HV per CPU-hour {on_over_off('hv_per_cpu_hour'):.2f}x, "
+        f"hypervolume {on_over_off('hypervolume'):.3f}x, CPU time {on_over_off('cpu_hours'):.3f}x, "
+        f"fine-tune epochs {on_over_off('finetune_epochs'):.3f}x"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "early_stop.json").write_text(json.dumps(runs, indent=2))
     print("\n".join(lines))

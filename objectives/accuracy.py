@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -28,6 +28,18 @@ class Accuracy(Objective):
     name = "accuracy"
     unit = "fraction"
     direction = "maximize"
+    reference = 0.10  # at most 10 points less accurate than the baseline
+    limit_metric = "accuracy_drop"  # constraints.max_accuracy_drop, in points of the fraction
 
     def evaluate(self, candidate: Candidate, context: EvalContext) -> float:
         return top1_accuracy(candidate.predict, context.val_x, context.val_y, context.eval_batch_size)
+
+    def relative(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+        """The accuracy drop: a difference, since accuracy is already a fraction."""
+        return baseline[self.name] - metrics[self.name]
+
+    def derived(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
+        return {"accuracy_drop": self.relative(metrics, baseline)}
+
+    def unit_of_limit(self, baseline: Mapping[str, float]) -> float:
+        return 1.0

@@ -1,7 +1,9 @@
 """The objective contract: a named, unit-carrying number measured on a deployable model.
 
 Objectives receive plain things (a file, a runner, a predict function) and never import
-`strategies`, so they can also measure a model the user exported some other way.
+`strategies`, so they can also measure a model the user exported some other way. Each
+objective also knows how it relates to the baseline: the search compares trials, draws the
+hypervolume and checks limits in baseline units, and only the objective knows what those are.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import Callable, ClassVar, Literal, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -21,9 +23,8 @@ class ObjectiveError(Exception):
     """A measurement could not produce a finite number. The trial fails with this reason."""
 
 
-@dataclass
-class Candidate:
-    """A compressed model in its deployable form.
+class Candidate(Protocol):
+    """A compressed model in its deployable form: anything with these attributes.
 
     - `artifact_path`: the packed weights file as stored.
     - `run`: runs one batch on the runtime (what latency times). Takes a float32 numpy array.
@@ -34,7 +35,7 @@ class Candidate:
     artifact_path: Path
     run: Callable[[np.ndarray], object]
     predict: Callable[[torch.Tensor], torch.Tensor]
-    model: nn.Module | None = None
+    model: nn.Module | None
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,21 @@ class EvalContext:
 
 
 class Objective(ABC):
-    """Subclasses set `name`, `unit` and `direction`, and implement `evaluate`."""
+    """Subclasses set `name`, `unit`, `direction` and `reference`, and implement `evaluate`.
+
+    Baseline units: `relative` turns a trial's figures into a quantity to minimise with the
+    baseline at 1 (or, for a fraction such as accuracy, at 0), `reference` is the worst value
+    in those units that still counts toward the hypervolume, and a limit in `constraints`
+    applies to the metric `limit_metric` (the objective's own by default).
+    """
 
     name: ClassVar[str]
     unit: ClassVar[str]
     direction: ClassVar[Literal["maximize", "minimize"]]
+    reference: ClassVar[float]
+    limit_metric: ClassVar[str | None] = None
+    # A noisy figure (latency) that the finalists measure again, alone and longer.
+    final_repeat: ClassVar[bool] = False
 
     @abstractmethod
     def evaluate(self, candidate: Candidate, context: EvalContext) -> float:
@@ -100,6 +111,23 @@ class Objective(ABC):
     def measure(self, candidate: Candidate, context: EvalContext) -> dict[str, float]:
         """The objective value under `name`, plus any extra metrics worth logging."""
         return {self.name: self.evaluate(candidate, context)}
+
+    def relative(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+        """This objective of one trial in baseline units, to minimise: a ratio to the baseline."""
+        return metrics[self.name] / baseline[self.name]
+
+    def derived(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
+        """Figures against the baseline worth recording beside the value (compression_ratio, ...)."""
+        return {}
+
+    def unit_of_limit(self, baseline: Mapping[str, float]) -> float:
+        """What one baseline unit of `limit_metric` is, to add violations of different limits."""
+        return baseline[self.name]
+
+    @classmethod
+    def limit(cls) -> str:
+        """The metric a limit in `constraints` sets for this objective."""
+        return cls.limit_metric or cls.name
 
 
 def finite(name: str, value: float) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -24,7 +24,6 @@ class LatencyStats:
     median_ms: float
     p10_ms: float
     p90_ms: float
-    mean_ms: float
     repeats: int
 
     @property
@@ -37,7 +36,7 @@ def _stats(times_ms: np.ndarray) -> LatencyStats:
     p10, median, p90 = np.percentile(times_ms, [10, 50, 90])
     if not median > 0:
         raise ObjectiveError(f"latency_ms: the timer measured {median} ms; the runner did no work")
-    return LatencyStats(float(median), float(p10), float(p90), float(times_ms.mean()), len(times_ms))
+    return LatencyStats(float(median), float(p10), float(p90), len(times_ms))
 
 
 def time_interleaved(runs: Sequence[Runner], batch: np.ndarray, warmup: int, repeats: int) -> list[LatencyStats]:
@@ -56,41 +55,55 @@ def time_interleaved(runs: Sequence[Runner], batch: np.ndarray, warmup: int, rep
     return [_stats(row) for row in times]
 
 
-def time_runner(run: Runner, batch: np.ndarray, warmup: int, repeats: int) -> LatencyStats:
-    return time_interleaved([run], batch, warmup, repeats)[0]
-
-
 def latency_batch(example_inputs, batch_size: int) -> np.ndarray:
     """A fixed random batch with the example's per-sample shape (contents do not change timing)."""
     shape = (batch_size, *tuple(example_inputs.shape[1:]))
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
 
+def metric_suffix(index: int, batch_size: int) -> str:
+    """The first batch size reports under plain names (``latency_ms``), the others with a
+    suffix (``latency_ms_b64``)."""
+    return "" if index == 0 else f"_b{batch_size}"
+
+
 class LatencyMs(Objective):
     name = "latency_ms"
     unit = "ms"
     direction = "minimize"
+    reference = 1.5  # at most 1.5x the baseline's latency
+    final_repeat = True
 
     def evaluate(self, candidate: Candidate, context: EvalContext) -> float:
-        return self.measure(candidate, context)[self.name]
+        return self._time(candidate, context, context.latency.batch_size)[0].median_ms
 
     def measure(self, candidate: Candidate, context: EvalContext) -> dict[str, float]:
-        """For each batch size: median, p90 and spread, and with a reference, the speedup.
-
-        The first batch size reports under plain names (`latency_ms`); the others get a
-        suffix (`latency_ms_b64`).
-        """
-        settings = context.latency
+        """For each batch size: median, p90 and spread, and with a reference, the speedup."""
         metrics: dict[str, float] = {}
-        for index, batch_size in enumerate(settings.batch_sizes):
-            suffix = "" if index == 0 else f"_b{batch_size}"
-            runs = [candidate.run] + ([context.reference_run] if context.reference_run else [])
-            batch = latency_batch(context.example_inputs, batch_size)
-            stats = time_interleaved(runs, batch, settings.warmup, settings.repeats)
-            metrics[f"latency_ms{suffix}"] = finite(self.name, stats[0].median_ms)
+        for index, batch_size in enumerate(context.latency.batch_sizes):
+            suffix = metric_suffix(index, batch_size)
+            stats = self._time(candidate, context, batch_size)
+            metrics[f"latency_ms{suffix}"] = stats[0].median_ms
             metrics[f"latency_p90_ms{suffix}"] = stats[0].p90_ms
             metrics[f"latency_spread{suffix}"] = stats[0].spread
             if context.reference_run:
                 metrics[f"baseline_latency_ms{suffix}"] = stats[1].median_ms
                 metrics[f"speedup{suffix}"] = stats[1].median_ms / stats[0].median_ms
         return metrics
+
+    def relative(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+        """The inverse of the trial's own `speedup` where it has one: that ratio was timed in
+        alternation with the baseline in the same process, while `baseline["latency_ms"]` is
+        from whichever process computes this (a resumed study's, on a machine now busier or idler)."""
+        if metrics.get("speedup"):
+            return 1.0 / metrics["speedup"]
+        return metrics[self.name] / baseline[self.name]
+
+    def _time(self, candidate: Candidate, context: EvalContext, batch_size: int) -> list[LatencyStats]:
+        """The candidate, and the baseline's runner if the context has one, timed in alternation."""
+        settings = context.latency
+        runs = [candidate.run] + ([context.reference_run] if context.reference_run else [])
+        batch = latency_batch(context.example_inputs, batch_size)
+        stats = time_interleaved(runs, batch, settings.warmup, settings.repeats)
+        finite(self.name, stats[0].median_ms)
+        return stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 from objectives.base import Candidate, EvalContext, Objective, ObjectiveError
 
@@ -11,6 +12,7 @@ class SizeBytes(Objective):
     name = "size_bytes"
     unit = "bytes"
     direction = "minimize"
+    reference = 1.0  # smaller than the baseline
 
     def evaluate(self, candidate: Candidate, context: EvalContext) -> float:
         try:
@@ -20,3 +22,6 @@ class SizeBytes(Objective):
         if size == 0:
             raise ObjectiveError(f"size_bytes: artifact {candidate.artifact_path} is empty")
         return float(size)
+
+    def derived(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
+        return {"compression_ratio": baseline[self.name] / metrics[self.name]}

@@ -1,81 +1,52 @@
 """Anchor configurations enqueued first in every new study.
 
-Each anchor is one technique alone at a setting known to work reasonably. Evaluating them
-first puts the single techniques on the front from the start, so the joint search's front
-is never worse than what any one of them gives, and the sampler starts from sensible
-points instead of only random ones.
+Each strategy declares its anchors (`Strategy.anchors`): its technique alone at a setting
+known to work reasonably. Evaluating them first puts the single techniques on the front
+from the start, so the joint search's front is never worse than what any one of them gives,
+and the sampler starts from sensible points instead of only random ones. Every parameter an
+anchor does not set takes its declared `off` value, where the space admits it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import optuna
 
-from strategies.base import ChoiceParam, Param, Strategy
-
-# What "this technique off" means for each switch-like parameter.
-OFF: dict[str, Any] = {
-    "pruning.structured_ratio": 0.0,
-    "pruning.unstructured_sparsity": 0.0,
-    "pruning.per_layer_sparsity": False,
-    "quantization.weight_bits": 32,
-    "quantization.mixed_precision": False,
-    "distillation.epochs": 0,
-}
-HIGHEST = object()  # the top of the configured range
-DISTILL = {  # a distillation fine-tune that works on every workload we measured
-    "distillation.epochs": HIGHEST,
-    "distillation.temperature": 4.0,
-    "distillation.alpha": 0.7,
-    "distillation.lr": 3e-3,
-}
-
-ANCHORS: dict[str, dict[str, Any]] = {
-    "int8": {"quantization.weight_bits": 8, "quantization.activation_bits": 8},
-    "4-bit": {"quantization.weight_bits": 4, "quantization.activation_bits": 32},
-    "structured-50": {"pruning.structured_ratio": 0.5},
-    "unstructured-80": {"pruning.unstructured_sparsity": 0.8},
-    "student-half": {"pruning.structured_ratio": 0.5, **DISTILL},
-    # The narrowest student the space allows: the fastest, smallest end of structured
-    # pruning, which a sampler's density reaches last (measured: README, Samplers).
-    "student-smallest": {"pruning.structured_ratio": HIGHEST, **DISTILL},
-}
+from strategies.base import Strategy
+from strategies.space import TOP, Param
 
 
-def _admits(param: Param, value: Any) -> bool:
-    if isinstance(param, ChoiceParam):
-        return value in param.choices
-    return param.low <= value <= param.high
+def off_params(strategies: Sequence[Strategy]) -> dict[str, Any]:
+    """Every parameter's "off" value that its configured range admits: the techniques off."""
+    space = {key: param for s in strategies for key, param in s.space.items()}
+    return {key: p.off for key, p in space.items() if p.off is not None and p.admits(p.off)}
 
 
-def anchor_params(strategies: list[Strategy]) -> dict[str, dict[str, Any]]:
-    """The anchors this search space can express, as full parameter assignments.
+def anchor_params(strategies: Sequence[Strategy]) -> dict[str, dict[str, Any]]:
+    """The anchors this search space can express, by rank, as full parameter assignments.
 
     An anchor is skipped when a value that defines it lies outside the configured space, or
     when it repeats an earlier one; an "off" value outside the space is left to the sampler.
     """
     space: dict[str, Param] = {key: param for s in strategies for key, param in s.space.items()}
-    anchors = {}
-    for name, defining in ANCHORS.items():
-        params = {k: v for k, v in OFF.items() if k in space and _admits(space[k], v)}
-        fits = True
-        for key, value in defining.items():
-            if key not in space:
-                fits = False
-                break
-            if value is HIGHEST:
-                value = space[key].values()[-1]
-            if not _admits(space[key], value):
-                fits = False
+    off = off_params(strategies)
+    anchors: dict[str, dict[str, Any]] = {}
+    for anchor in sorted((a for s in strategies for a in s.anchors), key=lambda a: a.rank):
+        params = dict(off)
+        for key, value in anchor.params.items():
+            param = space.get(key)
+            value = param.values()[-1] if param is not None and value is TOP else value
+            if param is None or not param.admits(value):
                 break
             params[key] = value
-        if fits and params not in anchors.values():  # the narrowest student may be the half-width one
-            anchors[name] = params
+        else:
+            if params not in anchors.values():  # the narrowest student may be the half-width one
+                anchors[anchor.name] = params
     return anchors
 
 
-def enqueue_anchors(study: optuna.Study, strategies: list[Strategy]) -> list[str]:
+def enqueue_anchors(study: optuna.Study, strategies: Sequence[Strategy]) -> list[str]:
     """Enqueue every expressible anchor into a study that has no trials yet."""
     if study.trials:
         return []

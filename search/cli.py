@@ -1,4 +1,9 @@
-"""The `autocompress` command. Exit codes: 0 success, 2 usage or config error, 1 anything else."""
+"""The `autocompress` command. Exit codes: 0 success, 2 usage or config error, 1 anything else.
+
+Each command is one entry of `COMMANDS`: its arguments next to its action. Commands of other
+packages (the benchmarks in `experiments/`) join through the entry-point group
+``autocompress.commands``, so this package never imports them.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,27 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any, Callable
 
 logger = logging.getLogger("autocompress")
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad command-line input: the command exits 2 with this message."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    long_running: bool = False  # Ctrl-C and SIGTERM end its running trial cleanly
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,11 +62,26 @@ def _setup_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
-def _default_run_dir(config_name: str) -> Path:
-    return Path("runs") / config_name
+# ------------------------------------------------------------------ run, worker
 
 
-def _load(args: argparse.Namespace):
+def _search_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML, e.g. experiments/fmnist_cnn.yaml")
+    p.add_argument("--n-trials", type=int, help="target number of finished trials for the whole study")
+    p.add_argument("--run-dir", help="where the study, the MLflow store and artifacts live (default runs/<name>)")
+    p.add_argument("--data-dir", help="directory with the dataset files (overrides workload.data_dir)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. search.sampler=random"
+    )
+    p.add_argument(
+        "--storage",
+        help="Optuna database shared by several machines (postgresql://... or mysql://...); "
+        "default: the run directory's journal file",
+    )
+    p.add_argument("--tracking-uri", help="MLflow tracking server or database (default: the run directory's mlflow.db)")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, int, Path]:
     from search.config import load_config
 
     overrides = list(args.set or [])
@@ -54,38 +90,46 @@ def _load(args: argparse.Namespace):
     config = load_config(args.config, overrides)
     n_trials = args.n_trials if args.n_trials is not None else config.search.n_trials
     if n_trials < 0:
-        raise _usage(f"--n-trials must be >= 0, got {n_trials}")
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(config.name)
-    return config, n_trials, run_dir
+        raise UsageError(f"--n-trials must be >= 0, got {n_trials}")
+    return config, n_trials, Path(args.run_dir) if args.run_dir else Path("runs") / config.name
 
 
-def _prepare(args: argparse.Namespace, config, run_dir: Path, n_trials: int, **kwargs):
+def _prepare(args: argparse.Namespace, config: Any, run_dir: Path, n_trials: int, **kwargs: Any) -> Any:
     """`prepare` with the storage and tracking flags that `run` and `worker` share."""
-    from search.study import prepare
+    from search.prepare import prepare
 
-    return prepare(config, run_dir, progress=logger.info, storage_url=args.storage,
-                   tracking_uri=args.tracking_uri, n_trials=n_trials, **kwargs)  # fmt: skip
+    return prepare(
+        config,
+        run_dir,
+        progress=logger.info,
+        storage_url=args.storage,
+        tracking_uri=args.tracking_uri,
+        n_trials=n_trials,
+        **kwargs,
+    )
 
 
-def _trial_reporter(n_trials: int):
-    from search.study import finished_trials, reason
+def trial_reporter(n_trials: int) -> Callable:
+    """One log line per finished trial: its state, figures or reason."""
+    from search.records import finished_trials, reason
 
-    def on_trial(study, trial) -> None:
+    def on_trial(study: Any, trial: Any) -> None:
         attrs = trial.user_attrs
         done = f"[{finished_trials(study)}/{n_trials}] trial {trial.number}"
-        if trial.state.name == "COMPLETE":
-            logger.info(
-                "%s COMPLETE  acc %.4f  size %.1f kB (%.1fx)  latency %.3f ms (%.2fx)  %.1fs",
-                done,
-                attrs.get("accuracy", float("nan")),
-                attrs.get("size_bytes", float("nan")) / 1024,
-                attrs.get("compression_ratio", float("nan")),
-                attrs.get("latency_ms", float("nan")),
-                attrs.get("speedup", float("nan")),
-                attrs.get("trial_seconds", float("nan")),
-            )
-        else:
+        if trial.state.name != "COMPLETE":
             logger.info("%s %s  %s", done, trial.state.name, reason(attrs))
+            return
+        nan = float("nan")
+        logger.info(
+            "%s COMPLETE  acc %.4f  size %.1f kB (%.1fx)  latency %.3f ms (%.2fx)  %.1fs",
+            done,
+            attrs.get("accuracy", nan),
+            attrs.get("size_bytes", nan) / 1024,
+            attrs.get("compression_ratio", nan),
+            attrs.get("latency_ms", nan),
+            attrs.get("speedup", nan),
+            attrs.get("trial_seconds", nan),
+        )
 
     return on_trial
 
@@ -98,7 +142,7 @@ def _spawn_workers(args: argparse.Namespace, run_dir: Path, n_trials: int) -> No
     """
     import subprocess
 
-    from search.control import worker_threads
+    from search.signals import worker_threads
 
     command = [sys.executable, "-m", "search.cli", "worker", args.config, "--run-dir", str(run_dir)]
     command += ["--n-trials", str(n_trials)]
@@ -121,98 +165,61 @@ def _spawn_workers(args: argparse.Namespace, run_dir: Path, n_trials: int) -> No
         raise RuntimeError(f"workers exited with codes {codes}; rerun the same command to resume the study")
 
 
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    _search_arguments(p)
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    p.add_argument("--fresh", action="store_true", help="move an existing study in --run-dir aside and start a new one")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from search.report import FINAL_COLUMNS, format_table
-    from search.study import run_search, summarize
+    from search.finalize import summarize
+    from search.loop import run_search
+    from search.report import result_text
 
     config, n_trials, run_dir = _load(args)
     if args.workers < 1:
-        raise _usage(f"--workers must be >= 1, got {args.workers}")
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     started = time.perf_counter()
     with _prepare(args, config, run_dir, n_trials, fresh=args.fresh) as prepared:
-        baseline = prepared.baseline
         if args.workers > 1:
             logger.info("starting %d workers on study %r", args.workers, config.name)
-            try:
+            with prepared.tracker.closing(prepared.parent_run_id):
                 _spawn_workers(args, run_dir, n_trials)
-            except BaseException as error:
-                prepared.tracker.end(
-                    prepared.parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-                )
-                raise
-            # Finalists are timed again here, alone: workers timed their trials side by side.
-            result = summarize(prepared)
-            prepared.tracker.end(prepared.parent_run_id, "FINISHED")
+                # Finalists are timed again here, alone: workers timed their trials side by side.
+                result = summarize(prepared)
         else:
-            result = run_search(prepared, n_trials, on_trial=_trial_reporter(n_trials))
-    print()
-    batches = "/".join(str(b) for b in config.latency.batch_sizes)
-    print(
-        f"baseline: val accuracy {baseline['accuracy']:.4f}  test accuracy "
-        f"{baseline.get('baseline_test_accuracy', float('nan')):.4f}  size {baseline['size_bytes'] / 1024:.1f} kB  "
-        f"latency {baseline['latency_ms']:.3f} ms ({config.latency.runtime}, batch {batches}, "
-        f"{config.latency.threads} thread{'s' if config.latency.threads > 1 else ''})"
-    )
-    states = [r["state"] for r in result.rows]
-    print(
-        f"study {config.name!r}: {states.count('COMPLETE')} complete, {states.count('FAIL')} failed, "
-        f"{states.count('PRUNED')} stopped early, {len(result.pareto)} Pareto-optimal"
-    )
-    print()
-    if result.pareto:
-        repeats = config.latency.final_repeats
-        print(f"Pareto-optimal trials, rebuilt from their artifacts and timed again ({repeats} runs):")
-        print(format_table(result.pareto, FINAL_COLUMNS))
-    elif result.closest:
-        print(f"no trial meets the constraints {config.constraints.limits()}; the closest ones:")
-        print(format_table(result.closest, ("accuracy", "accuracy_drop", "size_bytes", "latency_ms", "violation")))
-    else:
-        print("no completed trials, so no Pareto front")
-    print()
-    if result.recommended is not None:
-        r = result.recommended
-        print(f"recommended: trial {r['trial']}, {result.rule}")
-        print(f"  {_describe(r)}")
-        if result.registered_model:
-            print(f"  registered in the MLflow Model Registry as {result.registered_model}")
-        print()
+            result = run_search(prepared, n_trials, on_trial=trial_reporter(n_trials))
+    print(result_text(config, result))
     print(f"results: {result.table_path}  plot: {result.plot_path}  ({time.perf_counter() - started:.0f}s)")
     print(f"review in the MLflow UI: autocompress ui --run-dir {run_dir}")
     return EXIT_OK
 
 
-def _describe(row) -> str:
-    figures = [f"val {row['accuracy']:.4f}"]
-    if "test_accuracy" in row:
-        figures.append(f"test {row['test_accuracy']:.4f}")
-    if "size_bytes" in row:
-        figures.append(f"{row['size_bytes'] / 1024:.1f} kB ({row['compression_ratio']:.1f}x smaller)")
-    if "final_latency_ms" in row:
-        figures.append(f"{row['final_latency_ms']:.3f} ms ({row['final_speedup']:.2f}x)")
-    params = ", ".join(
-        f"{k.split('.', 1)[1]}={v if isinstance(v, (bool, str)) else format(v, 'g')}"
-        for k, v in row.items() if "." in k and isinstance(v, (int, float, str))
-    )  # fmt: skip
-    return f"{'; '.join(figures)}  [{params}]"
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
-    from search.study import run_trials
+    from search.loop import run_trials
 
     config, n_trials, run_dir = _load(args)
-    threads = os.environ.get("AUTOCOMPRESS_THREADS")
-    if threads:
+    if threads := os.environ.get("AUTOCOMPRESS_THREADS"):
         import torch
 
         torch.set_num_threads(int(threads))
     prepared = _prepare(args, config, run_dir, n_trials, driver=False)
-    ran = run_trials(prepared, n_trials, on_trial=_trial_reporter(n_trials))
+    ran = run_trials(prepared, n_trials, on_trial=trial_reporter(n_trials))
     logger.info("worker %d: ran %d trials; the study has reached its target of %d", os.getpid(), ran, n_trials)
     return EXIT_OK
 
 
+# ------------------------------------------------------------ finished studies
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--trial", type=int, required=True, help="the trial number (see the Pareto table)")
+    p.add_argument("--out", required=True, help="a new directory for model.onnx, weights.acw and model.json")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from search.export import export_trial
+    from search.package import export_trial
 
     out = export_trial(Path(args.run_dir), args.trial, Path(args.out))
     for path in sorted(out.iterdir()):
@@ -220,21 +227,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_dir_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from search import decision
-    from search.study import load_run_config, open_study
+    from search import package, report, rundir
+    from search.storage import open_study
     from search.tracking import Tracker
 
     run_dir = Path(args.run_dir)
-    config = load_run_config(run_dir)
-    summary = decision.load_summary(run_dir)
+    config = rundir.load_run_config(run_dir)
+    summary = rundir.read_summary(run_dir)
     study = open_study(run_dir, config, create=False)
-    path = decision.write_report(run_dir, study)
+    path = report.write_report(run_dir, study)
     tracker = Tracker.for_run_dir(run_dir, config.name)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    if parent:
+    if parent := study.user_attrs.get("mlflow_parent_run_id"):
         tracker.log_artifact(parent, path)
-    version = decision.register(run_dir, tracker, config.name)
+    version = package.register(run_dir, tracker, config.name)
     print(f"report: {path}")
     if summary["recommended"] is not None:
         print(f"recommended: trial {summary['recommended']['trial']}, {summary['rule']}")
@@ -243,42 +253,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_efficiency(args: argparse.Namespace) -> int:
-    import json
-
-    from search.efficiency import markdown, run_efficiency
-
-    table = Path(args.table)
-    if not table.is_file():
-        raise UsageError(f"--table {table} does not exist; the shipped table is experiments/efficiency_lenet300.json")
-    if args.seeds < 2 or not args.budgets or min(args.budgets) < 1:
-        raise UsageError(f"--seeds must be >= 2 and --budgets whole numbers >= 1; got {args.seeds} and {args.budgets}")
-    started = time.perf_counter()
-    results = run_efficiency(table, args.samplers, args.seeds, sorted(args.budgets), references=args.reference,
-                             progress=logger.info)  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "efficiency.json").write_text(json.dumps(results, indent=1, sort_keys=True))
-    (out / "efficiency.md").write_text(markdown(results))
-    print(markdown(results))
-    print(f"wrote {out / 'efficiency.json'} and {out / 'efficiency.md'} ({time.perf_counter() - started:.0f}s)")
-    return EXIT_OK
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from search.bench import EXPERIMENTS, run_bench
-
-    unknown = [m for m in args.models if m not in EXPERIMENTS]
-    if unknown:
-        raise _usage(f"--models must be drawn from {sorted(EXPERIMENTS)}, got {unknown[0]!r}")
-    if args.n_trials < 1:
-        raise _usage(f"--n-trials must be >= 1, got {args.n_trials}")
-    started = time.perf_counter()
-    out = Path(args.out)
-    run_bench(out, args.models, args.n_trials, Path(args.experiments_dir), args.set or [], progress=logger.info)
-    print((out / "bench.md").read_text())
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'} ({time.perf_counter() - started:.0f}s)")
-    return EXIT_OK
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    _run_dir_argument(p)
+    p.add_argument("--repeats", type=int, default=200)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -296,124 +273,93 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failed else EXIT_OK
 
 
+def _ui_arguments(p: argparse.ArgumentParser) -> None:
+    _run_dir_argument(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the UI has no authentication)")
+    p.add_argument("--port", type=int, default=5000)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    from search.rundir import MLFLOW_DB
     from search.tracking import sqlite_uri
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "mlflow.db").exists():
-        raise _usage(f"--run-dir {run_dir} holds no mlflow.db; run a search there first")
+    if not (run_dir / MLFLOW_DB).exists():
+        raise UsageError(f"--run-dir {run_dir} holds no {MLFLOW_DB}; run a search there first")
     command = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", sqlite_uri(run_dir),
-        "--host", args.host, "--port", str(args.port),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        sqlite_uri(run_dir),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     os.execv(sys.executable, command)
     return EXIT_OK  # pragma: no cover - execv does not return
 
 
-class UsageError(Exception):
-    pass
+COMMANDS = (
+    Command("run", "run (or resume) a search", _run_arguments, cmd_run, long_running=True),
+    Command(
+        "worker",
+        "join a study started by `autocompress run` and run trials for it",
+        _search_arguments,
+        cmd_worker,
+        long_running=True,
+    ),
+    Command("export", "write a deployable package of one trial", _export_arguments, cmd_export),
+    Command(
+        "verify",
+        "time every trial's exported ONNX model alone against its recorded speedup",
+        _verify_arguments,
+        cmd_verify,
+    ),
+    Command(
+        "report", "write a finished study's decision report (HTML) and register its pick", _run_dir_argument, cmd_report
+    ),
+    Command("ui", "start the MLflow UI on a run directory's store", _ui_arguments, cmd_ui),
+)
+COMMAND_GROUP = "autocompress.commands"  # entry points whose value is a Command
 
 
-def _usage(message: str) -> UsageError:
-    return UsageError(message)
+def all_commands() -> list[Command]:
+    """The built-in commands, then those other installed packages register."""
+    return [*COMMANDS, *(entry.load() for entry in entry_points(group=COMMAND_GROUP))]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     parser = _Parser(prog="autocompress", description="Search pruning x quantization x distillation strategies.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, including Optuna and MLflow")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    run = sub.add_parser("run", help="run (or resume) a search")
-    worker = sub.add_parser("worker", help="join a study started by `autocompress run` and run trials for it")
-    for p in (run, worker):
-        p.add_argument("config", help="experiment YAML, e.g. experiments/fmnist_cnn.yaml")
-        p.add_argument("--n-trials", type=int, help="target number of finished trials for the whole study")
-        p.add_argument("--run-dir", help="where the study, the MLflow store and artifacts live (default runs/<name>)")
-        p.add_argument("--data-dir", help="directory with the dataset files (overrides workload.data_dir)")
-        p.add_argument(
-            "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. search.sampler=random"
-        )
-        p.add_argument(
-            "--storage",
-            help="Optuna database shared by several machines (postgresql://... or mysql://...); "
-            "default: the run directory's journal file",
-        )
-        p.add_argument(
-            "--tracking-uri", help="MLflow tracking server or database (default: the run directory's mlflow.db)"
-        )
-    run.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
-    run.add_argument(
-        "--fresh", action="store_true", help="move an existing study in --run-dir aside and start a new one"
-    )
-    run.set_defaults(func=cmd_run)
-    worker.set_defaults(func=cmd_worker)
-
-    export = sub.add_parser("export", help="write a deployable package of one trial")
-    export.add_argument("--run-dir", required=True)
-    export.add_argument("--trial", type=int, required=True, help="the trial number (see the Pareto table)")
-    export.add_argument("--out", required=True, help="a new directory for model.onnx, weights.acw and model.json")
-    export.set_defaults(func=cmd_export)
-
-    bench = sub.add_parser("bench", help="single techniques against the joint search, per model")
-    bench.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
-    bench.add_argument("--n-trials", type=int, default=30, help="trials per study (4 studies per model)")
-    bench.add_argument("--out", default="runs/bench")
-    bench.add_argument("--experiments-dir", default=str(Path(__file__).resolve().parent.parent / "experiments"))
-    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the base experiments' config")
-    bench.set_defaults(func=cmd_bench)
-
-    verify = sub.add_parser("verify", help="time every trial's exported ONNX model alone against its recorded speedup")
-    verify.add_argument("--run-dir", required=True)
-    verify.add_argument("--repeats", type=int, default=200)
-    verify.set_defaults(func=cmd_verify)
-
-    eff = sub.add_parser("efficiency", help="replay samplers against the exhaustively evaluated table")
-    eff.add_argument(
-        "--table", default=str(Path(__file__).resolve().parent.parent / "experiments" / "efficiency_lenet300.json")
-    )
-    eff.add_argument("--samplers", nargs="+", default=["auto", "tpe", "nsga2", "random", "random-plain"],
-                     choices=["auto", "tpe", "gp", "nsga2", "random", "random-plain", "grid"])  # fmt: skip
-    eff.add_argument("--seeds", type=int, default=10)
-    eff.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 100])
-    eff.add_argument("--reference", nargs="+", default=["nadir", "box"], choices=["nadir", "box"],
-                     help="hypervolume reference points: the table's worst values, the search's own box")  # fmt: skip
-    eff.add_argument("--out", default="runs/efficiency")
-    eff.set_defaults(func=cmd_efficiency)
-
-    report = sub.add_parser("report", help="write a finished study's decision report (HTML) and register its pick")
-    report.add_argument("--run-dir", required=True)
-    report.set_defaults(func=cmd_report)
-
-    ui = sub.add_parser("ui", help="start the MLflow UI on a run directory's store")
-    ui.add_argument("--run-dir", required=True)
-    ui.add_argument(
-        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the UI has no authentication)"
-    )
-    ui.add_argument("--port", type=int, default=5000)
-    ui.set_defaults(func=cmd_ui)
+    for command in commands:
+        p = sub.add_parser(command.name, help=command.help)
+        command.arguments(p)
+        p.set_defaults(command_of=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(all_commands()).parse_args(argv)
     _setup_logging(args.verbose)
-    if args.command in ("run", "worker", "bench"):
-        from search.control import handle_termination
+    if args.command_of.long_running:
+        from search.signals import handle_termination
 
         handle_termination()
-    from experiments.data import DatasetMissingError
     from search.config import ConfigError
 
     try:
-        return args.func(args)
-    except (ConfigError, UsageError, DatasetMissingError) as error:
+        return args.command_of.run(args)
+    except (ConfigError, UsageError) as error:
         print(f"autocompress: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("autocompress: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as error:  # a bug or an environment failure: say so loudly, with the trace
         traceback.print_exc(file=sys.stderr)
         print(f"autocompress: unexpected error: {type(error).__name__}: {error}", file=sys.stderr)

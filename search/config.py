@@ -9,17 +9,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from experiments.workloads import TrainingRecipe
-
-OBJECTIVE_NAMES = ("accuracy", "size_bytes", "latency_ms")
-SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random", "grid")
-RUNTIMES = ("onnxruntime", "torch")
+from objectives.base import LatencySettings
+from objectives.registry import OBJECTIVES
+from search.samplers import SAMPLER_NAMES
+from search.workload import TrainingRecipe
+from strategies.registry import parse_space
+from strategies.runtime import RUNTIMES
+from strategies.space import Param
 
 
 class ConfigError(ValueError):
@@ -43,8 +47,8 @@ class WorkloadSection:
 @dataclass(frozen=True)
 class SearchSection:
     n_trials: int = 30
-    objectives: tuple[str, ...] = OBJECTIVE_NAMES
-    sampler: str = "auto"  # chosen from the trial budget: see search.study.make_sampler
+    objectives: tuple[str, ...] = ("accuracy", "size_bytes", "latency_ms")
+    sampler: str = "auto"  # chosen from the trial budget: see search.samplers
     anchors: bool = True  # start a new study with each technique alone (see search/anchors.py)
     finetune_size: int = 10000
     calibration_size: int = 1000
@@ -55,7 +59,7 @@ class SearchSection:
     trial_timeout: float = 0.0  # seconds; a trial that runs longer fails with that reason (0: no limit)
     # Cheap-then-full: a trial that fine-tunes two or more epochs is scored on a val subset
     # after its first. More than early_stop_margin below a feasible trial that is no larger
-    # and no slower, it stops there as PRUNED (search.study.early_stop_check).
+    # and no slower, it stops there as PRUNED (search.early_stop).
     early_stop: bool = True
     early_stop_margin: float = 0.02
 
@@ -70,20 +74,20 @@ class ConstraintsSection:
 
     def limits(self) -> dict[str, float]:
         """Measured figure → its limit, for the limits that are set."""
-        named = {"accuracy_drop": self.max_accuracy_drop, "size_bytes": self.max_size_bytes,
-                 "latency_ms": self.max_latency_ms}  # fmt: skip
+        named = {
+            "accuracy_drop": self.max_accuracy_drop,
+            "size_bytes": self.max_size_bytes,
+            "latency_ms": self.max_latency_ms,
+        }
         return {key: float(limit) for key, limit in named.items() if limit is not None}
 
 
 @dataclass(frozen=True)
-class LatencySection:
+class LatencySection(LatencySettings):
+    """How latency is timed (objectives.base.LatencySettings, which validates it), and where."""
+
     runtime: str = "onnxruntime"
-    batch_sizes: tuple[int, ...] = (1,)  # the first is the searched objective
-    threads: int = 1
-    warmup: int = 10
-    repeats: int = 50
     final_repeats: int = 300  # finalists are timed again, alone and longer
-    max_spread: float = 0.15  # a wider ± is tagged latency_noisy
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,8 @@ class Config:
     name: str
     seed: int = 0
     workload: WorkloadSection = field(default_factory=WorkloadSection)
-    # Namespaced parameter name → raw YAML value; validated by the strategies themselves.
-    search_space: Mapping[str, Any] = field(default_factory=dict)
+    # Namespaced parameter name → its parsed range, validated against the strategies' own.
+    search_space: Mapping[str, Param] = field(default_factory=dict)
     search: SearchSection = field(default_factory=SearchSection)
     constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
     latency: LatencySection = field(default_factory=LatencySection)
@@ -101,7 +105,7 @@ class Config:
         data = dataclasses.asdict(self)
         data["search"]["objectives"] = list(self.search.objectives)
         data["latency"]["batch_sizes"] = list(self.latency.batch_sizes)
-        data["search_space"] = dict(self.search_space)
+        data["search_space"] = {key: param.to_yaml() for key, param in self.search_space.items()}
         return data
 
     def identity(self) -> dict[str, Any]:
@@ -119,20 +123,27 @@ def _type_name(tp: Any) -> str:
 
 
 def _check_value(key: str, value: Any, tp: Any) -> Any:
-    """Check one scalar against a simple annotation: int, float, str, or `X | None`."""
-    optional = isinstance(tp, str) and tp.endswith("| None")
-    base = {"int": int, "float": float, "str": str, "bool": bool}.get(str(tp).split("|")[0].strip(), tp)
+    """Check one value against a simple type: int, float, str, bool, `X | None`, `tuple[X, ...]`."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType):  # X | None
+        return None if value is None else _check_value(key, value, args[0])
+    if typing.get_origin(tp) is tuple:  # a YAML list, or one value
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise ConfigError(f"{key} must be {_type_name(args[0])} or a non-empty list of them, got {value!r}")
+        values = tuple(_check_value(key, item, args[0]) for item in items)
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{key} lists a value twice: {list(values)}")
+        return values
     if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key} must be {_type_name(base)}, got null")
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got null")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if base is int and isinstance(value, float) and value.is_integer():
+    if tp is int and isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not isinstance(value, base) or (base is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be {_type_name(base)}, got {value!r}")
-    if base is float and not math.isfinite(value):
+    if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     return value
 
@@ -142,47 +153,27 @@ def _section(cls: type, raw: Any, prefix: str) -> Any:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{prefix} must be a mapping of keys to values, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ConfigError(f"unknown key {prefix}.{unknown[0]}; valid keys are {sorted(fields)}")
+        raise ConfigError(f"unknown key {prefix}.{unknown[0]}; valid keys are {sorted(names)}")
     values = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}"
-        f = fields[name]
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            values[name] = _section(f.default_factory, value, key)
-        elif name == "objectives":
-            values[name] = _objectives(key, value)
-        elif name == "batch_sizes":
-            values[name] = _int_list(key, value)
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _section(hints[name], value, key)
         else:
-            values[name] = _check_value(key, value, f.type)
+            values[name] = _check_value(key, value, hints[name])
     try:
         return cls(**values)
-    except ValueError as error:  # a section's own validation (e.g. TrainingRecipe's)
+    except ValueError as error:  # a section's own validation (LatencySettings', TrainingRecipe's)
         raise ConfigError(str(error)) from None
 
 
-def _objectives(key: str, value: Any) -> tuple[str, ...]:
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, list) or not names:
-        raise ConfigError(f"{key} must be a non-empty list drawn from {list(OBJECTIVE_NAMES)}, got {value!r}")
-    for name in names:
-        if name not in OBJECTIVE_NAMES:
-            raise ConfigError(f"{key} must be drawn from {list(OBJECTIVE_NAMES)}, got {name!r}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{key} lists an objective twice: {names}")
-    return tuple(names)
-
-
-def _int_list(key: str, value: Any) -> tuple[int, ...]:
-    items = value if isinstance(value, list) else [value]
-    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items):
-        raise ConfigError(f"{key} must be a whole number >= 1 or a non-empty list of them, got {value!r}")
-    if len(set(items)) != len(items):
-        raise ConfigError(f"{key} lists a value twice: {items}")
-    return tuple(items)
+def _choice(key: str, value: Any, choices: Any) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
 def _positive(key: str, value: int | None, minimum: int = 1) -> None:
@@ -193,7 +184,7 @@ def _positive(key: str, value: int | None, minimum: int = 1) -> None:
 def _validate(config: Config) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", config.name):
         raise ConfigError(f"name must be 1-100 letters, digits, '_', '.' or '-', got {config.name!r}")
-    w, s, lat = config.workload, config.search, config.latency
+    w, s = config.workload, config.search
     for key, value in [
         ("workload.val_size", w.val_size),
         ("workload.train_subset", w.train_subset),
@@ -202,31 +193,37 @@ def _validate(config: Config) -> None:
         ("search.finetune_size", s.finetune_size),
         ("search.calibration_size", s.calibration_size),
         ("search.batch_size", s.batch_size),
-        ("latency.final_repeats", lat.final_repeats),
-        ("latency.threads", lat.threads),
-        ("latency.repeats", lat.repeats),
+        ("latency.final_repeats", config.latency.final_repeats),
     ]:
         _positive(key, value)
     _positive("search.n_trials", s.n_trials, 0)
-    _positive("latency.warmup", lat.warmup, 0)
-    if not lat.max_spread > 0:
-        raise ConfigError(f"latency.max_spread must be > 0, got {lat.max_spread}")
     if not 0.0 <= s.max_runtime_disagreement <= 1.0:
         raise ConfigError(f"search.max_runtime_disagreement must be in [0, 1], got {s.max_runtime_disagreement}")
     if not 0.0 <= s.early_stop_margin <= 1.0:
         raise ConfigError(f"search.early_stop_margin must be in [0, 1], got {s.early_stop_margin}")
     if not s.trial_timeout >= 0:
         raise ConfigError(f"search.trial_timeout must be >= 0 seconds (0: no limit), got {s.trial_timeout}")
-    if s.sampler not in SAMPLERS:
-        raise ConfigError(f"search.sampler must be one of {list(SAMPLERS)}, got {s.sampler!r}")
+    _choice("search.sampler", s.sampler, SAMPLER_NAMES)
+    for name in s.objectives:
+        if name not in OBJECTIVES:
+            raise ConfigError(f"search.objectives must be drawn from {list(OBJECTIVES)}, got {name!r}")
     c = config.constraints
     if c.max_accuracy_drop is not None and not 0.0 <= c.max_accuracy_drop < 1.0:
         raise ConfigError(f"constraints.max_accuracy_drop must be in [0, 1), got {c.max_accuracy_drop}")
     _positive("constraints.max_size_bytes", c.max_size_bytes)
     if c.max_latency_ms is not None and not c.max_latency_ms > 0:
         raise ConfigError(f"constraints.max_latency_ms must be > 0, got {c.max_latency_ms}")
-    if lat.runtime not in RUNTIMES:
-        raise ConfigError(f"latency.runtime must be one of {list(RUNTIMES)}, got {lat.runtime!r}")
+    _choice("latency.runtime", config.latency.runtime, RUNTIMES)
+
+
+def _search_space(raw: Any) -> dict[str, Param]:
+    """The search space, validated by the strategies themselves: key, valid range, given value."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"search_space must be a mapping of parameter names to ranges, got {raw!r}")
+    try:
+        return parse_space(raw or {})
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def parse_config(raw: Any, default_name: str = "experiment") -> Config:
@@ -236,20 +233,17 @@ def parse_config(raw: Any, default_name: str = "experiment") -> Config:
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; valid top-level keys are {sorted(fields)}")
-    space = raw.get("search_space") or {}
-    if not isinstance(space, Mapping):
-        raise ConfigError(f"search_space must be a mapping of parameter names to ranges, got {space!r}")
     config = Config(
         name=_check_value("name", raw.get("name", default_name), str),
         seed=_check_value("seed", raw.get("seed", 0), int),
         workload=_section(WorkloadSection, raw.get("workload"), "workload"),
-        search_space=dict(space),
         search=_section(SearchSection, raw.get("search"), "search"),
         constraints=_section(ConstraintsSection, raw.get("constraints"), "constraints"),
         latency=_section(LatencySection, raw.get("latency"), "latency"),
     )
     _validate(config)
-    return config
+    # The space last: its own checks need every strategy, and the sections' errors come first.
+    return dataclasses.replace(config, search_space=_search_space(raw.get("search_space")))
 
 
 def apply_override(raw: dict, assignment: str) -> None:

@@ -1,9 +1,10 @@
 """The front in the baseline's units: feasibility, hypervolume, and which model to ship.
 
-Every objective is turned into a baseline-relative quantity to minimise: accuracy into the
-accuracy drop, size and latency into ratios to the baseline's. The hypervolume is measured
-against a fixed reference point in those units, so it is comparable across the trials of a
-study, across studies of one workload, and against an exhaustively evaluated table.
+Every objective turns itself into a baseline-relative quantity to minimise (`Objective.relative`:
+accuracy into the accuracy drop, size and latency into ratios to the baseline's). The
+hypervolume is measured against each objective's fixed reference value in those units, so it
+is comparable across the trials of a study, across studies of one workload, and against an
+exhaustively evaluated table.
 """
 
 from __future__ import annotations
@@ -13,27 +14,19 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from optuna._hypervolume import compute_hypervolume  # pinned with optuna (<6)
 
-# A point counts toward the hypervolume only if it is better than all of these: at most 10
-# points less accurate, smaller than the baseline, and at most 1.5x its latency.
-REFERENCE = {"accuracy": 0.10, "size_bytes": 1.0, "latency_ms": 1.5}
+from objectives.registry import get_objective, objective_of_limit
 
 
 def relative(values: Mapping[str, float], baseline: Mapping[str, float], objectives: Sequence[str]) -> np.ndarray:
-    """The objectives of one point as baseline-relative quantities to minimise.
+    """The objectives of one point as baseline-relative quantities to minimise."""
+    return np.asarray([get_objective(name)().relative(values, baseline) for name in objectives], dtype=float)
 
-    Latency is the inverse of the trial's own `speedup` where it has one: that ratio was timed
-    in alternation with the baseline in the same process, while `baseline["latency_ms"]` is
-    from whichever process computes this (a resumed study's, on a machine now busier or idler).
-    """
-    out = []
-    for name in objectives:
-        if name == "accuracy":
-            out.append(baseline["accuracy"] - values["accuracy"])
-        elif name == "latency_ms" and values.get("speedup"):
-            out.append(1.0 / values["speedup"])
-        else:
-            out.append(values[name] / baseline[name])
-    return np.asarray(out, dtype=float)
+
+def reference_point(objectives: Sequence[str]) -> dict[str, float]:
+    """Each objective's reference value: a point counts toward the hypervolume only if it is
+    better than all of them (by default: at most 10 points less accurate, smaller than the
+    baseline, and at most 1.5x its latency)."""
+    return {name: get_objective(name).reference for name in objectives}
 
 
 def hypervolume(
@@ -42,8 +35,9 @@ def hypervolume(
     objectives: Sequence[str],
     reference: Sequence[float] | None = None,
 ) -> float:
-    """Hypervolume of `points` (dicts holding every objective) against REFERENCE, or `reference`."""
-    reference = np.asarray([REFERENCE[name] for name in objectives] if reference is None else reference, dtype=float)
+    """Hypervolume of `points` (dicts holding every objective) against the objectives'
+    reference point, or `reference`."""
+    reference = np.asarray(list(reference_point(objectives).values()) if reference is None else reference, dtype=float)
     if not points:
         return 0.0
     values = np.stack([relative(p, baseline, objectives) for p in points])
@@ -55,11 +49,7 @@ def hypervolume(
 
 def violation(constraints: Mapping[str, float], baseline: Mapping[str, float]) -> float:
     """How far a trial is from feasible, in baseline units (0 when feasible)."""
-    total = 0.0
-    for key, value in constraints.items():
-        if value > 0:
-            total += value if key == "accuracy_drop" else value / baseline[key]
-    return total
+    return sum(v / objective_of_limit(key)().unit_of_limit(baseline) for key, v in constraints.items() if v > 0) + 0.0
 
 
 def knee(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], objectives: Sequence[str]) -> Mapping:

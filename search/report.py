@@ -1,10 +1,25 @@
-"""Results as a CSV table, a Pareto plot and the text table the CLI prints."""
+"""What a finished search shows a person: the CSV tables, the text table the CLI prints,
+the Pareto plots, and the decision report, one self-contained HTML file that says which
+model to ship and why (the Pareto plots, the finalists' table, the failures grouped by
+reason, the hypervolume history and the recommendation with its rule).
+"""
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
+import json
+import tempfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from search import front, rundir
+from search.records import feasible_points, params_of, reason, trial_rows
 
 METRIC_COLUMNS = ("accuracy", "size_bytes", "latency_ms", "compression_ratio", "speedup", "accuracy_drop")
 FINAL_COLUMNS = (
@@ -36,7 +51,7 @@ HEADERS = {
 
 def param_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Namespaced parameter names (``pruning.structured_ratio``) present in any row."""
-    return sorted({k for row in rows for k in row if "." in k and not k.startswith("mlflow")})
+    return sorted({k for row in rows for k in params_of(row)})
 
 
 def write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
@@ -51,30 +66,50 @@ def write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
-def write_plot(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], path: Path) -> Path:
+def _save(fig: Any, path: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_plot(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], path: Path) -> Path:
+    plt = _pyplot()
     done = [r for r in rows if r["state"] == "COMPLETE"]
     front = [r for r in done if r["pareto"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "size_bytes", "artifact size (kB)"), (axes[1], "latency_ms", "latency (ms)")):
         scale = 1 / 1024 if key == "size_bytes" else 1.0
 
-        def xs(group):
+        def xs(group, key=key, scale=scale):
             return [r[key] * scale for r in group if key in r]
 
-        def ys(group):
+        def ys(group, key=key):
             return [r["accuracy"] for r in group if key in r]
 
         feasible = [r for r in done if r.get("feasible", True)]
         infeasible = [r for r in done if not r.get("feasible", True)]
         ax.scatter(xs(feasible), ys(feasible), s=18, c="0.6", label="trials")
         if infeasible:
-            ax.scatter(xs(infeasible), ys(infeasible), s=18, facecolors="none", edgecolors="0.6",
-                       label="outside the constraints")  # fmt: skip
+            ax.scatter(
+                xs(infeasible),
+                ys(infeasible),
+                s=18,
+                facecolors="none",
+                edgecolors="0.6",
+                label="outside the constraints",
+            )
         ax.scatter(xs(front), ys(front), s=36, c="tab:red", label="Pareto-optimal")
         if key in baseline:
             ax.scatter([baseline[key] * scale], [baseline["accuracy"]], marker="*", s=160, c="k", label="baseline")
@@ -83,13 +118,10 @@ def write_plot(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
         ax.set_ylabel("val accuracy")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
-def _fmt(key: str, value: Any) -> str:
+def fmt(key: str, value: Any) -> str:
     if value is None or value == "":
         return "-"
     if key == "size_bytes":
@@ -111,8 +143,191 @@ def format_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = MET
     shown = [m for m in metrics if any(m in r for r in rows)]
     headers = ["trial", *[p.split(".", 1)[1] for p in params], *[HEADERS.get(m, m) for m in shown]]
     keys = ["trial", *params, *shown]
-    body = [[_fmt(k, row.get(k)) for k in keys] for row in rows]
+    body = [[fmt(k, row.get(k)) for k in keys] for row in rows]
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in body]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=False))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=False)) for line in body]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the terminal
+
+
+def result_text(config: Any, result: Any) -> str:
+    """What `autocompress run` prints when a search ends: the baseline, the counts, the
+    finalists' table and the recommendation."""
+    lines: list[str] = []
+    add = lines.append
+    baseline = result.prepared.baseline
+    lat = config.latency
+    batches = "/".join(str(b) for b in lat.batch_sizes)
+    add("")
+    add(
+        f"baseline: val accuracy {baseline['accuracy']:.4f}  test accuracy "
+        f"{baseline.get('baseline_test_accuracy', float('nan')):.4f}  size {baseline['size_bytes'] / 1024:.1f} kB  "
+        f"latency {baseline['latency_ms']:.3f} ms ({lat.runtime}, batch {batches}, "
+        f"{lat.threads} thread{'s' if lat.threads > 1 else ''})"
+    )
+    states = [r["state"] for r in result.rows]
+    add(
+        f"study {config.name!r}: {states.count('COMPLETE')} complete, {states.count('FAIL')} failed, "
+        f"{states.count('PRUNED')} stopped early, {len(result.pareto)} Pareto-optimal"
+    )
+    add("")
+    if result.pareto:
+        add(f"Pareto-optimal trials, rebuilt from their artifacts and timed again ({lat.final_repeats} runs):")
+        add(format_table(result.pareto, FINAL_COLUMNS))
+    elif result.closest:
+        add(f"no trial meets the constraints {config.constraints.limits()}; the closest ones:")
+        add(format_table(result.closest, ("accuracy", "accuracy_drop", "size_bytes", "latency_ms", "violation")))
+    else:
+        add("no completed trials, so no Pareto front")
+    add("")
+    if result.recommended is not None:
+        add(f"recommended: trial {result.recommended['trial']}, {result.rule}")
+        add(f"  {_describe(result.recommended)}")
+        if result.registered_model:
+            add(f"  registered in the MLflow Model Registry as {result.registered_model}")
+        add("")
+    return "\n".join(lines)
+
+
+def _describe(row: Mapping[str, Any]) -> str:
+    figures = [f"val {row['accuracy']:.4f}"]
+    if "test_accuracy" in row:
+        figures.append(f"test {row['test_accuracy']:.4f}")
+    if "size_bytes" in row:
+        figures.append(f"{row['size_bytes'] / 1024:.1f} kB ({row['compression_ratio']:.1f}x smaller)")
+    if "final_latency_ms" in row:
+        figures.append(f"{row['final_latency_ms']:.3f} ms ({row['final_speedup']:.2f}x)")
+    params = ", ".join(
+        f"{k.split('.', 1)[1]}={v if isinstance(v, (bool, str)) else format(v, 'g')}"
+        for k, v in params_of(row).items()
+        if isinstance(v, (int, float, str))
+    )
+    return f"{'; '.join(figures)}  [{params}]"
+
+
+# ------------------------------------------------------------------ the report
+
+
+def hypervolume_history(
+    trials: Sequence[optuna.trial.FrozenTrial], baseline: Mapping[str, float], objectives: Sequence[str]
+) -> list[tuple[int, float]]:
+    """(finished trials, hypervolume of the feasible front so far), in order of completion."""
+    done = sorted((t for t in trials if t.state.is_finished()), key=lambda t: (t.datetime_complete, t.number))
+    return [(i + 1, front.hypervolume(feasible_points(done[: i + 1]), baseline, objectives)) for i in range(len(done))]
+
+
+def failures_by_reason(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, list[tuple[int, str]]]:
+    """Failed and stopped trials grouped by the kind of reason (the text before its first ':')."""
+    groups: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for t in trials:
+        if t.state in (TrialState.FAIL, TrialState.PRUNED):
+            why = reason(t.user_attrs) or "no reason recorded"
+            groups[why.split(":", 1)[0]].append((t.number, why))
+    return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
+
+
+# ------------------------------------------------------------------------- html
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(HEADERS.get(k, k.split('.', 1)[-1]))}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(k, r.get(k)))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _history_plot(history: list[tuple[int, float]], path: Path) -> Path:
+    fig, ax = _pyplot().subplots(figsize=(6, 3.2))
+    ax.plot([n for n, _ in history], [hv for _, hv in history], drawstyle="steps-post")
+    ax.set_xlabel("finished trials")
+    ax.set_ylabel("hypervolume")
+    ax.grid(alpha=0.3)
+    return _save(fig, path, 100)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222}
+table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}.pick{background:#eef7ee;border:1px solid #9c9;padding:.6em 1em}img{max-width:100%}"""
+
+
+def _recommendation_html(summary: Mapping[str, Any]) -> str:
+    recommended = summary["recommended"]
+    if recommended is None:
+        return f"<p>No recommendation: {html.escape(summary['rule'])}.</p>"
+    return (
+        f'<div class="pick"><b>Ship trial {recommended["trial"]}</b>: {html.escape(summary["rule"])}.<br>'
+        f"{_table([recommended], [k for k in FINAL_COLUMNS if k in recommended])}<br>"
+        f"Configuration: <code>{html.escape(json.dumps(params_of(recommended), sort_keys=True))}</code></div>"
+    )
+
+
+def _front_html(summary: Mapping[str, Any], plot: str) -> str:
+    pareto, closest = summary["pareto"], summary["closest"]
+    if pareto:
+        keys = ["trial", *param_columns(pareto), "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio"]
+        keys += sorted(k for k in pareto[0] if k.startswith(("final_latency", "final_speedup")))
+        return plot + _table(pareto, keys)
+    if closest:
+        keys = ["trial", *param_columns(closest), "accuracy", "accuracy_drop", "size_bytes", "latency_ms"]
+        return (
+            "<p><b>No trial meets the constraints.</b> The closest candidates:</p>"
+            + plot
+            + _table(closest, [*keys, "violation"])
+        )
+    return "<p>No trial completed, so there is no front.</p>"
+
+
+def _failures_html(failures: Mapping[str, list[tuple[int, str]]]) -> str:
+    """Trials that failed or stopped early, grouped by the kind of reason."""
+    if not failures:
+        return "<p>No trial failed or stopped early.</p>"
+    items = "".join(
+        f"<li><b>{html.escape(kind)}</b>: {len(group)} trial{'s' * (len(group) > 1)} "
+        f"({', '.join(str(n) for n, _ in group)}). Example: {html.escape(group[0][1])}</li>"
+        for kind, group in failures.items()
+    )
+    return f"<ul>{items}</ul>"
+
+
+def write_report(run_dir: Path, study: optuna.Study) -> Path:
+    """Write ``report.html`` in `run_dir` from its summary and the study's trials."""
+    summary = rundir.read_summary(run_dir)
+    baseline, objectives = summary["baseline"], summary["objectives"]
+    rows = trial_rows(study, baseline)
+    history = hypervolume_history(study.trials, baseline, objectives)
+    plot = _image(write_plot(rows, baseline, run_dir / rundir.PLOT_FILE))
+    with tempfile.TemporaryDirectory() as tmp:
+        curve = _image(_history_plot(history, Path(tmp) / "hypervolume.png")) if history else ""
+    b = baseline
+    constraints = json.dumps(summary["constraints"]) if summary["constraints"] else "none"
+    reference = ", ".join(f"{k} {v:g}" for k, v in front.reference_point(objectives).items())
+    title = html.escape(summary["study"])
+    parts = [
+        f"<h1>autocompress: {title}</h1>",
+        f"<p>Baseline: val accuracy {b['accuracy']:.4f}, "
+        f"test accuracy {b.get('baseline_test_accuracy', float('nan')):.4f}, "
+        f"{b['size_bytes'] / 1024:.1f} kB, {b['latency_ms']:.3f} ms. "
+        f"{len([r for r in rows if r['state'] == 'COMPLETE'])} complete trials of {len(rows)}. "
+        f"Constraints: {html.escape(constraints)}.</p>",
+        "<h2>Recommendation</h2>",
+        _recommendation_html(summary),
+        "<h2>Pareto front</h2>",
+        _front_html(summary, plot),
+        "<h2>Failures by reason</h2>",
+        _failures_html(failures_by_reason(study.trials)),
+        "<h2>Hypervolume</h2>",
+        f"<p>Of the feasible front, in baseline units (accuracy drop, size and latency ratios), against the "
+        f"reference point ({reference}).</p>{curve}",
+    ]
+    page = f'<!doctype html><html><head><meta charset="utf-8"><title>autocompress {title}</title>'
+    page += f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    path = run_dir / rundir.REPORT_FILE
+    path.write_text(page)
+    return path

@@ -7,15 +7,18 @@ runs RUNNING when a process dies, and `log_batch` is much cheaper than separate 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from search.rundir import MLFLOW_ARTIFACTS, MLFLOW_DB
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ MAX_PARAM_CHARS = 6000
 
 
 def sqlite_uri(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(Path(run_dir) / MLFLOW_DB).resolve()}"
 
 
 def _param_value(value: Any) -> str:
@@ -51,7 +54,7 @@ class Tracker:
         """A tracking server or database if given, else the run directory's own store."""
         if tracking_uri:
             return cls(tracking_uri, experiment_name)
-        return cls(sqlite_uri(run_dir), experiment_name, artifact_dir=run_dir / "mlartifacts")
+        return cls(sqlite_uri(run_dir), experiment_name, artifact_dir=Path(run_dir) / MLFLOW_ARTIFACTS)
 
     # -------------------------------------------------------------------- runs
 
@@ -86,6 +89,17 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def closing(self, run_id: str) -> Iterator[str]:
+        """The lifecycle of a parent run around work on it: FINISHED when the work returns,
+        KILLED when it is interrupted, FAILED when it raises."""
+        try:
+            yield run_id
+        except BaseException as error:
+            self.end(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
+        self.end(run_id, "FINISHED")
 
     def set_tag(self, run_id: str, key: str, value: Any) -> None:
         self.client.set_tag(run_id, key, str(value))

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from optuna.trial import TrialState
 
-from objectives.latency import latency_batch, time_interleaved
-from search.study import load_run_config, open_study
+from objectives.latency import latency_batch, metric_suffix, time_interleaved
+from search.rundir import baseline_dir, load_run_config, trial_dir
+from search.storage import open_study
 from strategies.runtime import ONNX_NAME, ort_session
 
 
@@ -29,16 +30,16 @@ def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     lat = config.latency
-    baseline = ort_session(run_dir / "baseline" / ONNX_NAME, lat.threads)
+    baseline = ort_session(baseline_dir(run_dir) / ONNX_NAME, lat.threads)
     example = torch.zeros(1, *_input_shape(baseline))
     rows = []
-    for trial in open_study(run_dir, config).trials:
-        path = run_dir / "trials" / f"{trial.number:04d}" / ONNX_NAME
+    for trial in open_study(run_dir, config, create=False).trials:
+        path = trial_dir(run_dir, trial.number) / ONNX_NAME
         if trial.state != TrialState.COMPLETE or not path.exists():
             continue
         session = ort_session(path, lat.threads)
         for index, batch_size in enumerate(lat.batch_sizes):
-            suffix = "" if index == 0 else f"_b{batch_size}"
+            suffix = metric_suffix(index, batch_size)
             recorded = trial.user_attrs.get(f"speedup{suffix}")
             if recorded is None:
                 continue

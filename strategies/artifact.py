@@ -49,14 +49,20 @@ import torch
 from torch import nn
 
 from strategies.fold import set_submodule_
-from strategies.quantization import qmax, set_input_quantization_, set_weight_quantization_, weight_codes
+from strategies.quantization import (
+    QUANT_BUFFERS,
+    WIDTH_BUFFER,
+    qmax,
+    quant_state,
+    set_input_quantization_,
+    set_weight_quantization_,
+)
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"ACWF"
 VERSION = 1
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
-_QUANT_BUFFERS = ("weight_scale", "weight_bits", "input_scale", "input_zero_point")
 
 
 # ------------------------------------------------------------------ bit packing
@@ -97,16 +103,15 @@ def encode_model(model: nn.Module) -> bytes:
     entries, chunks, offset = [], [], 0
     for name, tensor in model.state_dict().items():
         layer, _, attr = name.rpartition(".")
-        module = modules[layer]
-        if attr == "weight_bits":
+        if attr == WIDTH_BUFFER:
             continue  # stored as the weight entry's "bits"
         tensor = tensor.detach().cpu().contiguous()
         entry: dict = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
-        if attr == "weight" and hasattr(module, "weight_bits"):
-            bits = int(module.weight_bits)
-            codes = weight_codes(tensor, module.weight_scale, bits).numpy().ravel()
-            layout, data = _pack(codes, lambda v, b=bits: pack_codes(v, b))
-            entry.update(encoding="codes", bits=bits)
+        state = quant_state(modules[layer]) if attr == "weight" else None
+        if state is not None:
+            codes = state.codes.cpu().numpy().ravel()
+            layout, data = _pack(codes, lambda v, b=state.bits: pack_codes(v, b))
+            entry.update(encoding="codes", bits=state.bits)
         else:
             layout, data = _pack(tensor.numpy().ravel(), lambda v: v.tobytes())
             entry.update(encoding="raw")
@@ -204,7 +209,7 @@ def _set_tensor_(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     if attr in module._parameters:
         old = module._parameters[attr]
         module._parameters[attr] = nn.Parameter(value, requires_grad=True if old is None else old.requires_grad)
-    elif attr in module._buffers or attr in _QUANT_BUFFERS:
+    elif attr in module._buffers or attr in QUANT_BUFFERS:
         module.register_buffer(attr, value)
     else:
         raise AttributeError(f"{type(module).__name__} has no parameter or buffer {attr!r}")
@@ -257,7 +262,7 @@ def load_artifact(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Modu
     for name, module in model.named_modules():
         _fix_sizes_(module, header["conv_groups"].get(name))
     stored = {entry["name"] for entry in header["tensors"]}
-    expected = {key for key in model.state_dict() if not key.endswith(".weight_bits")}
+    expected = {key for key in model.state_dict() if not key.endswith(f".{WIDTH_BUFFER}")}
     if stored != expected:
         missing, extra = sorted(expected - stored), sorted(stored - expected)
         raise ValueError(f"{path} does not fit the factory's model: missing {missing[:5]}, unexpected {extra[:5]}")

@@ -1,5 +1,8 @@
 """The strategy contract: a config, its search space, and how it changes a model.
 
+The parameter kinds and anchors live in `strategies.space`; the registered strategies and
+their order in `strategies.registry`.
+
 A strategy never imports Optuna. `suggest` receives anything with Optuna's
 `suggest_*` methods, which keeps this package usable without the search layer.
 """
@@ -7,14 +10,15 @@ A strategy never imports Optuna. `suggest` receives anything with Optuna's
 from __future__ import annotations
 
 import dataclasses
-import math
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
+
+from strategies.space import Anchor, Param
 
 
 class CompressionError(Exception):
@@ -33,8 +37,6 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class StrategyConfig:
     """Frozen config of plain values. Subclasses validate in `validate()`."""
 
-    schema_version: ClassVar[int] = 1
-
     def __post_init__(self) -> None:
         self.validate()
 
@@ -42,104 +44,7 @@ class StrategyConfig:
         pass
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "StrategyConfig":
-        data = dict(data)
-        version = data.pop("schema_version", cls.schema_version)
-        if version != cls.schema_version:
-            raise ValueError(f"{cls.__name__} schema_version must be {cls.schema_version}, got {version!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown keys for {cls.__name__}: {unknown}; valid keys are {sorted(known)}")
-        return cls(**data)
-
-
-# ---------------------------------------------------------------------- search space
-
-
-@dataclass(frozen=True)
-class FloatParam:
-    """A float searched in [low, high]. YAML: `[low, high]`, or a number to fix it."""
-
-    low: float
-    high: float
-    log: bool = False
-
-    # A fixed value is still suggested, so every trial records every parameter it used.
-    def suggest(self, trial: Any, name: str) -> float:
-        return trial.suggest_float(name, self.low, self.high, log=self.log)
-
-    def values(self) -> tuple[float, float]:
-        return (self.low, self.high)
-
-
-@dataclass(frozen=True)
-class IntParam:
-    """An int searched in [low, high]. YAML: `[low, high]`, or a number to fix it."""
-
-    low: int
-    high: int
-
-    def suggest(self, trial: Any, name: str) -> int:
-        return trial.suggest_int(name, self.low, self.high)
-
-    def values(self) -> tuple[int, int]:
-        return (self.low, self.high)
-
-
-@dataclass(frozen=True)
-class ChoiceParam:
-    """One of a set of ordered numbers (kept as numbers, not category indexes). YAML: a list."""
-
-    choices: tuple
-
-    def suggest(self, trial: Any, name: str) -> Any:
-        return trial.suggest_categorical(name, list(self.choices))
-
-    def values(self) -> tuple:
-        return self.choices
-
-
-Param = FloatParam | IntParam | ChoiceParam
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def parse_param(key: str, raw: Any, default: Param) -> Param:
-    """Turn a YAML value into a param of the same kind as `default`, validating eagerly.
-
-    `default` also fixes the allowed range: a user may narrow it, never leave it.
-    """
-    if isinstance(default, ChoiceParam):
-        values = tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
-        if not values:
-            raise ValueError(f"{key} must list at least one of {list(default.choices)}, got []")
-        bad = [
-            v for v in values if v not in default.choices or isinstance(v, bool) != isinstance(default.choices[0], bool)
-        ]
-        if bad:
-            raise ValueError(f"{key} must be chosen from {list(default.choices)}, got {bad[0]!r}")
-        return ChoiceParam(tuple(sorted(set(values), key=list(default.choices).index)))
-
-    values = list(raw) if isinstance(raw, (list, tuple)) else [raw, raw]
-    if len(values) != 2 or not all(_is_number(v) for v in values):
-        raise ValueError(f"{key} must be a number or a [low, high] pair within {list(default.values())}, got {raw!r}")
-    low, high = values
-    if isinstance(default, IntParam) and not all(float(v).is_integer() for v in values):
-        raise ValueError(f"{key} must be whole numbers within {list(default.values())}, got {raw!r}")
-    if low > high:
-        raise ValueError(f"{key} needs low <= high, got {raw!r}")
-    lo, hi = default.values()
-    if low < lo or high > hi:
-        raise ValueError(f"{key} must lie within [{lo}, {hi}], got {raw!r}")
-    if isinstance(default, IntParam):
-        return IntParam(int(low), int(high))
-    return FloatParam(float(low), float(high), log=default.log and low > 0)
+        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- context
@@ -166,9 +71,9 @@ class Context:
     # Called as after_epoch(model, epoch) after each fine-tune epoch, with the model in eval
     # mode; it may raise to stop the trial (the search's cheap-then-full evaluation).
     after_epoch: Callable[[nn.Module, int], None] = field(default=lambda model, epoch: None)
-    # Set by the pipeline when the trial quantizes: fine-tuning runs inside
-    # `with context.fake_quant(model):` so it trains against the quantized weights
-    # (straight-through gradients) it will be deployed with.
+    # Set before fine-tuning when the trial quantizes (quantization's `before_finetune`):
+    # fine-tuning runs inside `with context.fake_quant(model):` so it trains against the
+    # quantized weights (straight-through gradients) it will be deployed with.
     fake_quant: Callable[[nn.Module], AbstractContextManager] | None = None
     # Per strategy name, its sensitivity scan when its search space needs one: for each layer
     # and level, how far changing that layer alone moves the model's outputs.
@@ -177,29 +82,40 @@ class Context:
 
 # -------------------------------------------------------------------------- strategy
 
+# When in the pipeline a strategy applies: weight removal first, so fine-tuning can recover
+# from it, and quantization last, so the deployed codes are exactly the ones measured.
+PHASES = ("prune", "finetune", "quantize")
+
 
 class Strategy(ABC):
     """One compression technique.
 
-    Subclasses set `name`, `config_cls`, and `default_space`: a mapping from each namespaced
-    Optuna parameter name (``pruning.structured_ratio``) to its widest allowed range. The
-    YAML `search_space` uses the same names; a strategy is on when any of its names appear,
-    and its unlisted parameters keep their default range, or the one `unlisted_space` gives
-    them (an option that is off unless the search space names it).
+    Subclasses set `name`, `phase` (one of PHASES), and `default_space`: a mapping from each
+    namespaced Optuna parameter name (``pruning.structured_ratio``) to its widest allowed
+    range and the value that turns it off. The YAML `search_space` uses the same names; a
+    strategy is on when any of its names appear, and its unlisted parameters keep their
+    default range, or the one `unlisted_space` gives them (an option that is off unless the
+    search space names it). `anchors` are the settings of this technique alone that every
+    new study tries first.
     """
 
     name: ClassVar[str]
-    config_cls: ClassVar[type[StrategyConfig]]
+    phase: ClassVar[str]
     default_space: ClassVar[Mapping[str, Param]]
     unlisted_space: ClassVar[Mapping[str, Param]] = {}
+    anchors: ClassVar[tuple[Anchor, ...]] = ()
 
-    def __init__(self, space: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, space: Mapping[str, Param] | None = None) -> None:
+        """`space`: this strategy's listed parameters, already parsed (strategies.registry.parse_space)."""
         space = dict(space or {})
         unknown = sorted(set(space) - set(self.default_space))
         if unknown:
             raise ValueError(f"unknown search_space key {unknown[0]!r}; valid keys are {sorted(self.default_space)}")
+        for key, param in space.items():
+            if not isinstance(param, type(self.default_space[key])):
+                raise TypeError(f"search_space[{key!r}] must be parsed first (registry.parse_space), got {param!r}")
         self.space: dict[str, Param] = {
-            key: parse_param(key, space[key], default) if key in space else self.unlisted_space.get(key, default)
+            key: space[key] if key in space else self.unlisted_space.get(key, default)
             for key, default in self.default_space.items()
         }
 
@@ -215,6 +131,16 @@ class Strategy(ABC):
         """False when this config leaves the model unchanged (e.g. ratio 0)."""
         return True
 
+    def before_finetune(
+        self, model: nn.Module, config: StrategyConfig, context: Context
+    ) -> tuple[StrategyConfig, Context]:
+        """Called on every strategy once pruning is done, before fine-tuning, with the pruned
+        `model`: the config to apply later and the context fine-tuning runs with."""
+        return config, context
+
+    def _suggest(self, trial: Any, key: str) -> Any:
+        return self.space[key].suggest(trial, key)
+
     def offers(self, key: str) -> bool:
         """Whether the space can turn on `key`, an option that is off unless listed."""
         return True in self.space[key].choices
@@ -222,17 +148,15 @@ class Strategy(ABC):
     def suggest_option(self, trial: Any, key: str) -> bool:
         """An option that is off unless listed: suggested only where the space can turn it on,
         so the trials of other search spaces do not record it."""
-        return self.space[key].suggest(trial, key) if self.offers(key) else False
+        return self._suggest(trial, key) if self.offers(key) else False
 
     def layer_record(self, model: nn.Module, config: StrategyConfig) -> dict[str, str]:
-        """What this config did to each layer of the compressed `model`, when that is the
-        trial's own choice (per-layer levels), for the trial's record; else nothing."""
+        """What this config (as `pipeline.compress` resolved it) did to each layer of the
+        compressed `model`, when that is the trial's own choice (per-layer levels), for the
+        trial's record; else nothing."""
         return {}
 
     def sensitivity(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> dict | None:
         """The per-layer scan this search space needs, once per study (strategies.sensitivity),
         or None."""
         return None
-
-    def describe(self) -> dict[str, Sequence]:
-        return {name: list(param.values()) for name, param in self.space.items()}

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strategies.base import CompressionError, Context, FloatParam, IntParam, Strategy, StrategyConfig
+from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
+from strategies.space import TOP, Anchor, FloatParam, IntParam
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,7 @@ def distillation_loss(
 
 def _zero_masks(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [
-        (m.weight, m.weight.detach() != 0)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and not bool((m.weight.detach() != 0).all())
+        (m.weight, m.weight.detach() != 0) for _, m in weight_layers(model) if not bool((m.weight.detach() != 0).all())
     ]
 
 
@@ -127,21 +126,37 @@ def distill_(
     return history
 
 
+# A distillation fine-tune that works on every workload we measured.
+_FINETUNE = {
+    "distillation.epochs": TOP,
+    "distillation.temperature": 4.0,
+    "distillation.alpha": 0.7,
+    "distillation.lr": 3e-3,
+}
+
+
 class Distillation(Strategy):
     name = "distillation"
-    config_cls = DistillationConfig
+    phase = "finetune"
     default_space = {
-        "distillation.epochs": IntParam(0, 20),
+        "distillation.epochs": IntParam(0, 20, off=0),
+        # Conditional on epochs > 0, so they have no off value of their own.
         "distillation.temperature": FloatParam(1.0, 20.0),
         "distillation.alpha": FloatParam(0.0, 1.0),
         "distillation.lr": FloatParam(1e-5, 1e-1, log=True),
     }
+    anchors = (
+        Anchor("student-half", {"pruning.structured_ratio": 0.5, **_FINETUNE}, rank=5),
+        # The narrowest student the space allows: the fastest, smallest end of structured
+        # pruning, which a sampler's density reaches last (measured: README, Samplers).
+        Anchor("student-smallest", {"pruning.structured_ratio": TOP, **_FINETUNE}, rank=6),
+    )
 
     def suggest(self, trial: Any) -> DistillationConfig:
-        epochs = self.space["distillation.epochs"].suggest(trial, "distillation.epochs")
+        epochs = self._suggest(trial, "distillation.epochs")
         if epochs == 0:  # the rest only matters when fine-tuning happens
             return DistillationConfig(epochs=0)
-        values = {key.split(".")[1]: self.space[key].suggest(trial, key) for key in list(self.default_space)[1:]}
+        values = {key.split(".")[1]: self._suggest(trial, key) for key in list(self.default_space)[1:]}
         return DistillationConfig(epochs=epochs, **values)
 
     def is_active(self, config: DistillationConfig) -> bool:

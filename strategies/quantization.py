@@ -4,8 +4,9 @@ Weights: codes are integers in [-(2^(b-1)-1), 2^(b-1)-1] with one float32 scale 
 channel and zero-point 0, so zero stays exactly zero (pruned weights stay pruned) and the
 codes map one-to-one onto int8 QDQ weights at deployment. The module's float weight becomes
 exactly `codes * scale`. The scale (`weight_scale`) and bit-width (`weight_bits`) are
-registered buffers, so they travel with copies and state dicts, and the artifact writer
-recovers the codes exactly as round(weight / scale).
+registered buffers, so they travel with copies and state dicts, and the codes are recovered
+exactly as round(weight / scale) by `quant_state`, the one reader of that state that the
+artifact writer and the ONNX writer share.
 
 Activations (optional): the input of every Conv2d/Linear is fake-quantized per tensor to
 uint8 (affine, min/max calibrated) with `torch.fake_quantize_per_tensor_affine`, which
@@ -21,8 +22,9 @@ Mixed precision (searched when the search space lists `quantization.mixed_precis
 `weight_bits` is then the average width over the weights, and each layer gets its own width.
 A sensitivity scan, once per study, measures how far quantizing each layer alone moves the
 uncompressed model's outputs (`strategies.sensitivity`); after pruning, the trial's bit budget
-is spent where it buys the most of that back. The per-layer widths travel as each
-layer's `weight_bits` buffer, which the artifact and the ONNX export already read.
+is spent where it buys the most of that back (`before_finetune`, once pruning is done).
+The per-layer widths travel in the resolved config (`layer_bits`, which `pipeline.compress`
+returns) and, once applied, as each layer's `weight_bits` buffer, which the artifact reads.
 """
 
 from __future__ import annotations
@@ -33,20 +35,28 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from strategies import sensitivity
-from strategies.base import ChoiceParam, CompressionError, Context, Strategy, StrategyConfig, weight_layers
+from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
 from strategies.fold import fold_batchnorm_
+from strategies.space import Anchor, ChoiceParam
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 32)
-ACTIVATION_BITS = (8, 32)
+FLOAT_BITS = 32  # the width that means "not quantized", for weights and activations alike
+WEIGHT_BITS = (2, 3, 4, 5, 6, 8, FLOAT_BITS)
+ACTIVATION_BITS = (8, FLOAT_BITS)
+_INTEGER_BITS = tuple(b for b in WEIGHT_BITS if b != FLOAT_BITS)  # what a layer of mixed precision gets
+# The buffers of a quantized layer: its weights' scale and width, and its input's qparams.
+WIDTH_BUFFER = "weight_bits"
+QUANT_BUFFERS = ("weight_scale", WIDTH_BUFFER, "input_scale", "input_zero_point")
+
+
 class QuantizationError(CompressionError):
     pass
 
@@ -58,14 +68,14 @@ def _check_choice(field: str, value: Any, choices: tuple[int, ...]) -> None:
 
 @dataclass(frozen=True)
 class QuantizationConfig(StrategyConfig):
-    """`weight_bits` 32 and `activation_bits` 32 mean "not quantized".
+    """`weight_bits` and `activation_bits` at FLOAT_BITS (32) mean "not quantized".
 
     With `mixed_precision`, `weight_bits` is the average width, and `layer_bits` holds the
     width of each layer once the pipeline has allotted them (empty: `weight_bits` everywhere).
     """
 
-    weight_bits: int = 32
-    activation_bits: int = 32
+    weight_bits: int = FLOAT_BITS
+    activation_bits: int = FLOAT_BITS
     mixed_precision: bool = False
     layer_bits: tuple[tuple[str, int], ...] = ()
 
@@ -75,7 +85,15 @@ class QuantizationConfig(StrategyConfig):
         if not isinstance(self.mixed_precision, bool):
             raise ValueError(f"quantization.mixed_precision must be one of [False, True], got {self.mixed_precision!r}")
         for layer, bits in self.layer_bits:
-            _check_choice(f"layer_bits[{layer!r}]", bits, WEIGHT_BITS[:-1])
+            _check_choice(f"layer_bits[{layer!r}]", bits, _INTEGER_BITS)
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.weight_bits != FLOAT_BITS
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.activation_bits != FLOAT_BITS
 
     def bits_of(self, layer: str) -> int:
         return dict(self.layer_bits).get(layer, self.weight_bits)
@@ -108,21 +126,41 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.float32) * _broadcast(scale.to(torch.float32), codes)
 
 
-def distinct_codes_per_channel(module: nn.Module) -> list[int]:
-    """How many distinct weight values each output channel holds."""
-    return [len(torch.unique(row)) for row in module.weight.detach().flatten(1)]
-
-
-def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return weight_layers(model)
-
-
 def set_weight_quantization_(module: nn.Module, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
     """Make `module.weight` exactly codes*scale and record scale and bits as buffers."""
     module.register_buffer("weight_scale", scale.detach().to(torch.float32).clone())
-    module.register_buffer("weight_bits", torch.tensor(int(bits), dtype=torch.int32))
+    module.register_buffer(WIDTH_BUFFER, torch.tensor(int(bits), dtype=torch.int32))
     with torch.no_grad():
         module.weight.data = dequantize(codes, module.weight_scale)
+
+
+class QuantState(NamedTuple):
+    """A quantized layer as the writers of its deployed forms need it."""
+
+    codes: torch.Tensor  # int32 in [-qmax(bits), qmax(bits)], shaped like the weight
+    scale: torch.Tensor  # float32, one per output channel: the weight is codes × scale
+    bits: int
+    input_scale: torch.Tensor | None  # the input's uint8 qparams, when it is quantized too
+    input_zero_point: torch.Tensor | None
+
+
+def quant_state(module: nn.Module) -> QuantState | None:
+    """The layer's quantized state, or None when its weights are float.
+
+    The artifact and the ONNX writer both take the codes from here, so they store the same
+    integers, computed once by the same expression as the strategy's.
+    """
+    if not hasattr(module, WIDTH_BUFFER):
+        return None
+    scale, bits = module.weight_scale.detach(), int(getattr(module, WIDTH_BUFFER))
+    quantized_input = hasattr(module, "input_scale")
+    return QuantState(
+        codes=weight_codes(module.weight, scale, bits),
+        scale=scale,
+        bits=bits,
+        input_scale=module.input_scale.detach() if quantized_input else None,
+        input_zero_point=module.input_zero_point.detach() if quantized_input else None,
+    )
 
 
 def _check_finite(name: str, what: str, tensor: torch.Tensor) -> None:
@@ -132,7 +170,7 @@ def _check_finite(name: str, what: str, tensor: torch.Tensor) -> None:
 
 def quantize_weights_(model: nn.Module, bits_of: Callable[[str], int]) -> None:
     """Quantize every layer's weights to `bits_of(layer name)` bits."""
-    for name, module in quantized_layers(model):
+    for name, module in weight_layers(model):
         _check_finite(name, "weights", module.weight)
         bits = bits_of(name)
         scale = channel_scales(module.weight, bits)
@@ -152,11 +190,11 @@ def _quantized(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 def resolve_layer_bits(model: nn.Module, config: QuantizationConfig, scan: Mapping | None) -> QuantizationConfig:
     """The config with each layer's width allotted, for the model as pruned (non-zero weights)."""
-    if not config.mixed_precision or config.weight_bits == 32:
+    if not config.mixed_precision or not config.quantizes_weights:
         return config
     if not scan:
         raise QuantizationError("mixed precision needs the sensitivity scan, and the study has none")
-    counts = {name: int(torch.count_nonzero(m.weight)) for name, m in quantized_layers(model)}
+    counts = {name: int(torch.count_nonzero(m.weight)) for name, m in weight_layers(model)}
     widths = sensitivity.allocate(counts, scan, config.weight_bits)
     return dataclasses.replace(config, layer_bits=tuple((name, int(bits)) for name, bits in widths.items()))
 
@@ -199,7 +237,7 @@ def calibrate_inputs_(model: nn.Module, calibration_x: torch.Tensor, batch_size:
 
         return hook
 
-    layers = dict(quantized_layers(model))
+    layers = dict(weight_layers(model))
     handles = [m.register_forward_pre_hook(observer(name)) for name, m in layers.items()]
     try:
         with torch.no_grad():
@@ -227,7 +265,7 @@ def round_bias_to_accumulator_(model: nn.Module) -> None:
     step: with 2-3-bit weights a float bias changed 0.1-0.3 % of LeNet-5's validation
     predictions in ONNX Runtime (up to 0.8 % in searches, past the 0.5 % limit); rounded, none.
     """
-    for _, module in quantized_layers(model):
+    for _, module in weight_layers(model):
         if module.bias is None or not (hasattr(module, "input_scale") and hasattr(module, "weight_scale")):
             continue
         step = module.input_scale * module.weight_scale
@@ -256,26 +294,43 @@ class _STEWeight(nn.Module):
 
 class Quantization(Strategy):
     name = "quantization"
-    config_cls = QuantizationConfig
+    phase = "quantize"
     default_space = {
-        "quantization.weight_bits": ChoiceParam(WEIGHT_BITS),
-        "quantization.activation_bits": ChoiceParam(ACTIVATION_BITS),
-        "quantization.mixed_precision": ChoiceParam((False, True)),
+        "quantization.weight_bits": ChoiceParam(WEIGHT_BITS, off=FLOAT_BITS),
+        "quantization.activation_bits": ChoiceParam(ACTIVATION_BITS, off=FLOAT_BITS),
+        "quantization.mixed_precision": ChoiceParam((False, True), off=False),
     }
-    unlisted_space = {"quantization.mixed_precision": ChoiceParam((False,))}
+    unlisted_space = {"quantization.mixed_precision": ChoiceParam((False,), off=False)}
+    anchors = (
+        Anchor("int8", {"quantization.weight_bits": 8, "quantization.activation_bits": 8}, rank=1),
+        Anchor("4-bit", {"quantization.weight_bits": 4, "quantization.activation_bits": FLOAT_BITS}, rank=2),
+    )
 
     def suggest(self, trial: Any) -> QuantizationConfig:
-        bits = self.space["quantization.weight_bits"].suggest(trial, "quantization.weight_bits")
-        if bits == 32:  # activations are only searched together with weights
-            return QuantizationConfig(weight_bits=32, activation_bits=32)
-        activations = self.space["quantization.activation_bits"].suggest(trial, "quantization.activation_bits")
+        bits = self._suggest(trial, "quantization.weight_bits")
+        if bits == FLOAT_BITS:  # activations are only searched together with weights
+            return QuantizationConfig(weight_bits=FLOAT_BITS, activation_bits=FLOAT_BITS)
+        activations = self._suggest(trial, "quantization.activation_bits")
         mixed = self.suggest_option(trial, "quantization.mixed_precision")
         return QuantizationConfig(weight_bits=bits, activation_bits=activations, mixed_precision=mixed)
+
+    def before_finetune(
+        self, model: nn.Module, config: QuantizationConfig, context: Context
+    ) -> tuple[QuantizationConfig, Context]:
+        """Allot the mixed-precision widths to the weights pruning left, and have fine-tuning
+        train against the weights it will be deployed with."""
+        config = resolve_layer_bits(model, config, context.sensitivity.get(self.name))
+        if config.quantizes_weights:
+            context = dataclasses.replace(context, fake_quant=self.training_simulation(config))
+        return config, context
 
     def layer_record(self, model: nn.Module, config: QuantizationConfig) -> dict[str, str]:
         if not config.mixed_precision:
             return {}
-        return {"quantization.layer_bits": " ".join(f"{n}:{int(m.weight_bits)}" for n, m in quantized_layers(model))}
+        widths, layers = dict(config.layer_bits), [name for name, _ in weight_layers(model)]
+        if any(name not in widths for name in layers):
+            raise ValueError("quantization.layer_bits lacks layers: pass the config as pipeline.compress resolved it")
+        return {"quantization.layer_bits": " ".join(f"{name}:{widths[name]}" for name in layers)}
 
     def sensitivity(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> dict | None:
         """Each layer's sensitivity at each weight width of the space, BatchNorm folded as
@@ -284,18 +339,18 @@ class Quantization(Strategy):
             return None
         model = copy.deepcopy(model).eval()
         fold_batchnorm_(model)
-        widths = [b for b in self.space["quantization.weight_bits"].choices if b < 32]
+        widths = [b for b in self.space["quantization.weight_bits"].choices if b != FLOAT_BITS]
         return sensitivity.scan(model, x, batch_size, widths, _quantized)
 
     def is_active(self, config: QuantizationConfig) -> bool:
-        return config.weight_bits < 32 or config.activation_bits < 32
+        return config.quantizes_weights or config.quantizes_activations
 
     def apply(self, model: nn.Module, config: QuantizationConfig, context: Context) -> nn.Module:
         model.eval()
         fold_batchnorm_(model)
-        if config.weight_bits < 32:
+        if config.quantizes_weights:
             quantize_weights_(model, config.bits_of)
-        if config.activation_bits < 32:
+        if config.quantizes_activations:
             calibrate_inputs_(model, context.calibration_x, context.batch_size)
             round_bias_to_accumulator_(model)
         return model
@@ -310,10 +365,10 @@ class Quantization(Strategy):
 
         @contextlib.contextmanager
         def simulate(model: nn.Module) -> Iterator[nn.Module]:
-            if config.weight_bits == 32:
+            if not config.quantizes_weights:
                 yield model
                 return
-            layers = list(quantized_layers(model))
+            layers = list(weight_layers(model))
             done = []
             try:
                 for name, module in layers:

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from strategies.base import CompressionError
+from strategies.artifact import save_artifact
+from strategies.base import CompressionError, weight_layers
+from strategies.quantization import quant_state
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("onnxruntime", "torch")
 ARTIFACT_NAME = "weights.acw"
 ONNX_NAME = "model.onnx"
 
@@ -40,7 +41,6 @@ class Deployable:
     run: Callable[[np.ndarray], object]
     predict: Callable[[torch.Tensor], torch.Tensor]
     model: nn.Module
-    size_bytes: int
 
 
 @contextlib.contextmanager
@@ -93,20 +93,18 @@ def quantize_onnx_weights_(path: Path, model: nn.Module) -> int:
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
     nodes = []
-    for name, module in model.named_modules():
-        if not (hasattr(module, "weight_scale") and hasattr(module, "input_scale")):
+    for name, module in weight_layers(model):
+        state = quant_state(module)
+        if state is None or state.input_scale is None:
             continue
         if f"{name}.weight" not in initializers:
             raise ExportError(f"the ONNX export has no initializer for {name}.weight to quantize")
-        weight = module.weight.detach()
-        scale = module.weight_scale.detach().float()
-        codes = torch.round(weight / scale.view((-1,) + (1,) * (weight.dim() - 1))).to(torch.int16)
         graph.initializer.remove(initializers[f"{name}.weight"])
         graph.initializer.extend(
             [
-                numpy_helper.from_array((codes + 128).to(torch.uint8).numpy(), f"{name}.weight_codes"),
-                numpy_helper.from_array(scale.numpy(), f"{name}.weight_scale"),
-                numpy_helper.from_array(np.full(len(scale), 128, dtype=np.uint8), f"{name}.weight_zero_point"),
+                numpy_helper.from_array((state.codes + 128).to(torch.uint8).cpu().numpy(), f"{name}.weight_codes"),
+                numpy_helper.from_array(state.scale.cpu().numpy(), f"{name}.weight_scale"),
+                numpy_helper.from_array(np.full(len(state.scale), 128, dtype=np.uint8), f"{name}.weight_zero_point"),
             ]
         )
         nodes.append(
@@ -169,36 +167,19 @@ def check_finite(model: nn.Module) -> None:
             raise CompressionError(f"non-finite values in {name} ({bad} of {tensor.numel()})")
 
 
-def materialize(
-    model: nn.Module,
-    out_dir: Path,
-    *,
-    runtime: str = "onnxruntime",
-    threads: int = 1,
-    example_inputs: torch.Tensor,
-    save_artifact: Callable[[nn.Module, Path], int],
-) -> Deployable:
-    if runtime not in RUNTIMES:
-        raise ValueError(f"latency.runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
-    model.eval()
-    check_finite(model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    artifact = out_dir / ARTIFACT_NAME
-    size = save_artifact(model, artifact)
+def _torch_eager(model: nn.Module, out_dir: Path, threads: int, example_inputs: torch.Tensor) -> Deployable:
+    def run(batch: np.ndarray) -> torch.Tensor:
+        with torch.no_grad(), torch_threads(threads):
+            return model(torch.from_numpy(batch))
 
-    if runtime == "torch":
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch_threads(threads):
+            return model(x)
 
-        def run(batch: np.ndarray) -> torch.Tensor:
-            with torch.no_grad(), torch_threads(threads):
-                return model(torch.from_numpy(batch))
+    return Deployable(out_dir / ARTIFACT_NAME, None, run, predict, model)
 
-        def predict(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad(), torch_threads(threads):
-                return model(x)
 
-        return Deployable(artifact, None, run, predict, model, size)
-
+def _onnxruntime(model: nn.Module, out_dir: Path, threads: int, example_inputs: torch.Tensor) -> Deployable:
     onnx_path = export_onnx(model, example_inputs, out_dir / ONNX_NAME)
     quantize_onnx_weights_(onnx_path, model)
     session = ort_session(onnx_path, threads)
@@ -209,7 +190,38 @@ def materialize(
     def predict(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"input": x.detach().numpy().astype(np.float32, copy=False)})[0])
 
-    return Deployable(artifact, onnx_path, run, predict, model, size)
+    return Deployable(out_dir / ARTIFACT_NAME, onnx_path, run, predict, model)
+
+
+# The runtimes a model can be deployed on (YAML `latency.runtime`): each builds the runner
+# for a model whose artifact is already written to `out_dir`.
+RUNTIMES: dict[str, Callable[[nn.Module, Path, int, torch.Tensor], Deployable]] = {
+    "onnxruntime": _onnxruntime,
+    "torch": _torch_eager,
+}
+
+
+def materialize(
+    model: nn.Module,
+    out_dir: Path,
+    *,
+    runtime: str = "onnxruntime",
+    threads: int = 1,
+    example_inputs: torch.Tensor,
+) -> Deployable:
+    """Write `model`'s artifact to `out_dir` and load it on `runtime` with `threads` threads.
+
+    Raises ValueError for an unknown runtime, CompressionError when the model holds
+    non-finite values or cannot be exported or loaded.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"latency.runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+    model.eval()
+    check_finite(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_artifact(model, out_dir / ARTIFACT_NAME)
+    return RUNTIMES[runtime](model, out_dir, threads, example_inputs)
 
 
 def check_agreement(

@@ -17,6 +17,7 @@ from torch import nn
 
 from strategies.base import weight_layers
 
+
 def scan(
     model: nn.Module,
     x: torch.Tensor,
@@ -48,7 +49,7 @@ def scan(
 def _at(curve: Mapping[float, float], level: float) -> float:
     """The curve between its measured levels, linearly."""
     points = sorted(curve.items())
-    for (lo, a), (hi, b) in zip(points, points[1:]):
+    for (lo, a), (hi, b) in zip(points, points[1:], strict=False):
         if lo <= level <= hi:
             return a + (b - a) * (level - lo) / (hi - lo)
     return points[0][1] if level < points[0][0] else points[-1][1]
@@ -88,9 +89,10 @@ def allocate(counts: Mapping[str, int], costs: Mapping[str, Mapping[float, float
     while True:
         moves = [
             ((cost[n][choice[n]] - cost[n][v]) / max(counts[n] * (v - choice[n]), 1e-12), n, v)
-            for n in layers for v in levels
+            for n in layers
+            for v in levels
             if v > choice[n] and cost[n][v] < cost[n][choice[n]] and used({**choice, n: v}) <= budget * (1 + 1e-12)
-        ]  # fmt: skip
+        ]
         if not moves:
             break
         _, name, level = max(moves)

@@ -15,7 +15,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from strategies.base import CompressionError, Context, FloatParam, Strategy, StrategyConfig
+from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
+from strategies.space import Anchor, FloatParam
 
 logger = logging.getLogger(__name__)
 
@@ -33,23 +34,27 @@ class StructuredPruningConfig(StrategyConfig):
             raise ValueError(f"pruning.structured_ratio must be in [0, 1), got {self.ratio!r}")
 
 
+def _widths(model: nn.Module) -> dict[str, int]:
+    """Each Conv/Linear layer's output width (channels or features), by name."""
+    return {name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for name, m in weight_layers(model)}
+
+
 def _output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
     """The Conv/Linear layers whose outputs are the model's outputs (found by tracing)."""
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    outputs = []
-    for module, node in graph.module2node.items():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and not _feeds_prunable(node, set()):
-            outputs.append(module)
-    return outputs
+    layers = {m for _, m in weight_layers(model)}
+    return [
+        module for module, node in graph.module2node.items() if module in layers and not _feeds(layers, node, set())
+    ]
 
 
-def _feeds_prunable(node: Any, seen: set) -> bool:
-    """Whether any Conv/Linear consumes this node's output, through shape-keeping ops."""
+def _feeds(layers: set[nn.Module], node: Any, seen: set) -> bool:
+    """Whether any of `layers` consumes this node's output, through shape-keeping ops."""
     for out in node.outputs:
         if id(out) in seen:
             continue
         seen.add(id(out))
-        if isinstance(out.module, (nn.Conv2d, nn.Linear)) or _feeds_prunable(out, seen):
+        if out.module in layers or _feeds(layers, out, seen):
             return True
     return False
 
@@ -57,11 +62,7 @@ def _feeds_prunable(node: Any, seen: set) -> bool:
 def prune_channels_(model: nn.Module, ratio: float, example_inputs: torch.Tensor) -> nn.Module:
     """Remove `ratio` of every hidden layer's channels by L1 magnitude, in place."""
     model.eval()
-    widths = {
-        name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    }
+    widths = _widths(model)
     with torch.no_grad():
         out_width = model(example_inputs).shape[-1]
     try:
@@ -80,9 +81,9 @@ def prune_channels_(model: nn.Module, ratio: float, example_inputs: torch.Tensor
         raise StructuredPruningError(
             f"structured pruning cannot handle this model: {type(error).__name__}: {error}"
         ) from error
-    for name, module in model.named_modules():
-        width = module.out_channels if isinstance(module, nn.Conv2d) else getattr(module, "out_features", None)
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and width == 0:
+    after = _widths(model)
+    for name, width in after.items():
+        if width == 0:
             raise StructuredPruningError(f"structured pruning at ratio {ratio} pruned layer {name} to zero width")
     try:
         with torch.no_grad():
@@ -91,24 +92,18 @@ def prune_channels_(model: nn.Module, ratio: float, example_inputs: torch.Tensor
         raise StructuredPruningError(f"the model no longer runs after structured pruning: {error}") from error
     if shape[-1] != out_width:
         raise StructuredPruningError(f"structured pruning changed the output width from {out_width} to {shape[-1]}")
-    after = {
-        name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    }
     logger.debug("structured pruning %.2f: widths %s -> %s", ratio, widths, after)
     return model
 
 
 class StructuredPruning(Strategy):
     name = "structured_pruning"
-    config_cls = StructuredPruningConfig
-    default_space = {"pruning.structured_ratio": FloatParam(0.0, 0.9)}
+    phase = "prune"
+    default_space = {"pruning.structured_ratio": FloatParam(0.0, 0.9, off=0.0)}
+    anchors = (Anchor("structured-50", {"pruning.structured_ratio": 0.5}, rank=3),)
 
     def suggest(self, trial: Any) -> StructuredPruningConfig:
-        return StructuredPruningConfig(
-            ratio=self.space["pruning.structured_ratio"].suggest(trial, "pruning.structured_ratio")
-        )
+        return StructuredPruningConfig(ratio=self._suggest(trial, "pruning.structured_ratio"))
 
     def is_active(self, config: StructuredPruningConfig) -> bool:
         return config.ratio > 0

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from strategies import sensitivity
-from strategies.base import ChoiceParam, CompressionError, Context, FloatParam, Strategy, StrategyConfig, weight_layers
+from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
+from strategies.space import Anchor, ChoiceParam, FloatParam
 
 
 class UnstructuredPruningError(CompressionError):
@@ -110,16 +111,16 @@ def prune_per_layer_(model: nn.Module, sparsity: float, scan: dict | None) -> nn
 
 class UnstructuredPruning(Strategy):
     name = "unstructured_pruning"
-    config_cls = UnstructuredPruningConfig
+    phase = "prune"
     default_space = {
-        "pruning.unstructured_sparsity": FloatParam(0.0, 0.99),
-        "pruning.per_layer_sparsity": ChoiceParam((False, True)),
+        "pruning.unstructured_sparsity": FloatParam(0.0, 0.99, off=0.0),
+        "pruning.per_layer_sparsity": ChoiceParam((False, True), off=False),
     }
-    unlisted_space = {"pruning.per_layer_sparsity": ChoiceParam((False,))}
+    unlisted_space = {"pruning.per_layer_sparsity": ChoiceParam((False,), off=False)}
+    anchors = (Anchor("unstructured-80", {"pruning.unstructured_sparsity": 0.8}, rank=4),)
 
     def suggest(self, trial: Any) -> UnstructuredPruningConfig:
-        key = "pruning.unstructured_sparsity"
-        sparsity = self.space[key].suggest(trial, key)
+        sparsity = self._suggest(trial, "pruning.unstructured_sparsity")
         per_layer = sparsity > 0 and self.suggest_option(trial, "pruning.per_layer_sparsity")
         return UnstructuredPruningConfig(sparsity, per_layer)
 

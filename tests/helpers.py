@@ -1,11 +1,40 @@
-"""Small shared builders for tests: models with non-trivial BatchNorm stats, contexts."""
+"""Small shared builders for tests: models with non-trivial BatchNorm stats, contexts,
+quantized models. No test module imports another; what several share lives here."""
 
+import optuna
 import torch
+from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from torch import nn
 
-from experiments.models import lenet5, lenet300
-from strategies.base import Context
+from experiments.models import MODELS  # noqa: F401 - re-exported for the tests
+from search.tracking import PARENT_TAG, sqlite_uri
+from strategies.base import Context, weight_layers
+from strategies.quantization import Quantization, QuantizationConfig
+from strategies.registry import build_strategies, parse_space
+from tests.conftest import ROOT
 
-MODELS = {"lenet5": lenet5, "lenet300": lenet300}
+SMOKE = str(ROOT / "experiments" / "smoke.yaml")
+
+
+def load_study(run_dir):
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    return optuna.load_study(study_name="smoke", storage=storage)
+
+
+def finished(run_dir):
+    """The study's evaluated trials (anchors not reached yet wait in the queue)."""
+    return [t for t in load_study(run_dir).trials if t.state.is_finished()]
+
+
+def runs_of(run_dir):
+    client = MlflowClient(sqlite_uri(run_dir))
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if PARENT_TAG in r.data.tags]
+    return parents, children
 
 
 def trained_like(factory, seed=0):
@@ -18,8 +47,76 @@ def trained_like(factory, seed=0):
     return model.eval()
 
 
-def context(n=64, seed=0, **kwargs):
+def context(n=64, seed=0, batch_size=32, **kwargs):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    return Context(example_inputs=x[:1], finetune_x=x, finetune_y=y, calibration_x=x, batch_size=32, **kwargs)
+    return Context(example_inputs=x[:1], finetune_x=x, finetune_y=y, calibration_x=x, batch_size=batch_size, **kwargs)
+
+
+def strategies_for(raw_space):
+    """The strategies a YAML `search_space` mapping turns on, as the search layer builds them."""
+    return build_strategies(parse_space(raw_space))
+
+
+# ------------------------------------------------------------ quantization builders
+
+
+def lenet5_bn(c1=20, c2=50, hidden=500):
+    """LeNet-5 with BatchNorm; smaller sizes stand in for a structurally pruned one."""
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 5),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * 16, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 10),
+    )
+
+
+def mlp_bn():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def random_model(factory=lenet5_bn, seed=0, **sizes):
+    """Random weights and BatchNorm statistics that are far from the identity, in eval mode."""
+    torch.manual_seed(seed)
+    model = factory(**sizes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.2, 3.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def prune_(model, sparsity):
+    """Zero the smallest-|w| fraction of every Conv/Linear weight."""
+    with torch.no_grad():
+        for _, layer in weight_layers(model):
+            w = layer.weight
+            k = int(sparsity * w.numel())
+            threshold = w.abs().flatten().kthvalue(k).values
+            w.mul_(w.abs() > threshold)
+    return model
+
+
+def inputs(n=32, seed=1):
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def quantize(model, bits, activations=32):
+    return Quantization().apply(model, QuantizationConfig(bits, activations), context(batch_size=16))
+
+
+def distinct_codes_per_channel(module):
+    """How many distinct weight values each output channel holds."""
+    return [len(torch.unique(row)) for row in module.weight.detach().flatten(1)]

@@ -1,11 +1,11 @@
 import optuna
 
 from search.anchors import anchor_params, enqueue_anchors
-from strategies import pipeline
+from tests.helpers import strategies_for
 
 
 def test_every_anchor_is_one_technique_alone_within_the_space():
-    strategies = pipeline.build_strategies(
+    strategies = strategies_for(
         {
             "pruning.structured_ratio": [0.0, 0.75],
             "pruning.unstructured_sparsity": [0.0, 0.95],
@@ -33,22 +33,20 @@ def test_every_anchor_is_one_technique_alone_within_the_space():
 
 
 def test_an_anchor_that_repeats_an_earlier_one_is_left_out():
-    strategies = pipeline.build_strategies({"pruning.structured_ratio": [0.0, 0.5], "distillation.epochs": [0, 1]})
+    strategies = strategies_for({"pruning.structured_ratio": [0.0, 0.5], "distillation.epochs": [0, 1]})
     anchors = anchor_params(strategies)
     assert list(anchors) == ["structured-50", "student-half"]  # the narrowest student is the half-width one
 
 
 def test_anchors_outside_the_space_are_skipped_and_off_values_left_to_the_sampler():
-    strategies = pipeline.build_strategies(
-        {"pruning.structured_ratio": [0.1, 0.4], "quantization.weight_bits": [4, 32]}
-    )
+    strategies = strategies_for({"pruning.structured_ratio": [0.1, 0.4], "quantization.weight_bits": [4, 32]})
     anchors = anchor_params(strategies)
     assert set(anchors) == {"4-bit"}  # 8-bit, 50 % and the unconfigured techniques do not fit
     assert "pruning.structured_ratio" not in anchors["4-bit"]  # 0 is outside [0.1, 0.4]
 
 
 def test_anchors_are_enqueued_once_into_a_new_study_only():
-    strategies = pipeline.build_strategies({"quantization.weight_bits": [4, 8, 32]})
+    strategies = strategies_for({"quantization.weight_bits": [4, 8, 32]})
     study = optuna.create_study()
     assert enqueue_anchors(study, strategies) == ["int8", "4-bit"]
     trial = study.ask()

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from strategies.artifact import MAGIC, load_artifact, pack_codes, read_header, save_artifact, unpack_codes
-from strategies.quantization import quantized_layers
-from tests.test_quantization import inputs, lenet5, mlp_bn, prune_, quantize, random_model
+from strategies.base import weight_layers
+from strategies.quantization import qmax, quant_state
+from strategies.runtime import export_onnx, quantize_onnx_weights_
+from tests.helpers import inputs, lenet5_bn, mlp_bn, prune_, quantize, random_model
 
 # channel-reduced sizes stand in for structured pruning; the factory always builds full size
 REDUCED = {"c1": 12, "c2": 30, "hidden": 200}
@@ -46,7 +48,7 @@ def test_artifact_reloads_bit_identical_and_size_is_the_file_length(tmp_path, ca
     assert size == os.path.getsize(path)
     assert os.listdir(tmp_path) == ["weights.acw"]  # no temporary file left behind
 
-    loaded = load_artifact(path, lenet5)
+    loaded = load_artifact(path, lenet5_bn)
     assert not loaded.training
     x = inputs(32)
     with torch.no_grad():
@@ -66,12 +68,17 @@ def test_reloaded_quantized_model_exports_to_onnx(tmp_path):
 
     model = build(CASES["reduced-sparse-3bit-int8"])
     save_artifact(model, tmp_path / "w.acw")
-    loaded = load_artifact(tmp_path / "w.acw", lenet5)
+    loaded = load_artifact(tmp_path / "w.acw", lenet5_bn)
     torch.onnx.export(
-        loaded, (inputs(1),), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17,
-        input_names=["input"], output_names=["logits"],
+        loaded,
+        (inputs(1),),
+        str(tmp_path / "m.onnx"),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-    )  # fmt: skip
+    )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
@@ -97,7 +104,7 @@ def test_tensor_table_stores_packed_codes_and_sparse_maps_at_their_true_size(tmp
     for model, layout in ((dense, "dense"), (sparse, "sparse")):
         save_artifact(model, tmp_path / "w.acw")
         table = {e["name"]: e for e in read_header(tmp_path / "w.acw")["tensors"]}
-        for name, layer in quantized_layers(model):
+        for name, layer in weight_layers(model):
             entry, n = table[f"{name}.weight"], layer.weight.numel()
             assert (entry["encoding"], entry["bits"], entry["layout"]) == ("codes", bits, layout)
             stored = n if layout == "dense" else int((layer.weight != 0).sum())
@@ -156,7 +163,7 @@ def test_damaged_or_foreign_files_are_refused(tmp_path, damage):
     }[damage]
     path.write_bytes(data)
     with pytest.raises(ValueError, match=str(path)):
-        load_artifact(path, lenet5)
+        load_artifact(path, lenet5_bn)
 
 
 def test_a_factory_that_does_not_fit_is_refused(tmp_path):
@@ -177,3 +184,25 @@ def test_pruned_grouped_convolutions_get_their_stored_groups(tmp_path):
     x = inputs(4)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_the_artifact_and_the_onnx_file_store_the_codes_quant_state_gives(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    model = build(CASES["reduced-sparse-3bit-int8"])
+    with torch.no_grad():  # a weight off the grid, which no strategy leaves: both writers clamp it alike
+        model[9].weight[0, 0] = model[9].weight_scale[0] * 100
+    states = {name: quant_state(layer) for name, layer in weight_layers(model)}
+    assert all(state.input_scale is not None for state in states.values())
+    save_artifact(model, tmp_path / "w.acw")
+    stored = {name: quant_state(layer) for name, layer in weight_layers(load_artifact(tmp_path / "w.acw", lenet5_bn))}
+    onnx_path = export_onnx(model, inputs(1), tmp_path / "m.onnx")
+    assert quantize_onnx_weights_(onnx_path, model) == len(states)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(onnx_path)).graph.initializer}
+    for name, state in states.items():
+        assert int(state.codes.abs().max()) == qmax(state.bits) == 3
+        assert torch.equal(stored[name].codes, state.codes) and stored[name].bits == state.bits
+        assert np.array_equal(inits[f"{name}.weight_codes"].astype(np.int32) - 128, state.codes.numpy())
+        assert np.array_equal(inits[f"{name}.weight_scale"], state.scale.numpy())
+    assert quant_state(nn.Linear(4, 2)) is None

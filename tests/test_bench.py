@@ -1,8 +1,8 @@
 import pytest
 
-from search.bench import TECHNIQUES, best_within, markdown, technique_config
+from experiments.bench import TECHNIQUES, best_within, markdown, technique_config
 from search.config import load_config
-from search.study import validate
+from strategies.registry import build_strategies
 from tests.conftest import ROOT
 
 
@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 def test_each_technique_searches_only_its_own_parameters(technique):
     base = load_config(ROOT / "experiments" / "fmnist_cnn.yaml")
     config = technique_config(base, "lenet5", technique)
-    strategies, _ = validate(config)
+    strategies = build_strategies(config.search_space)
     names = {s.name for s in strategies}
     expected = {
         "pruning": {"structured_pruning", "unstructured_pruning", "distillation"},
@@ -20,7 +20,7 @@ def test_each_technique_searches_only_its_own_parameters(technique):
     }[technique]
     assert names == expected
     if technique in ("pruning", "quantization"):  # a plain fine-tune: no teacher term
-        assert config.search_space["distillation.alpha"] == 0.0
+        assert config.search_space["distillation.alpha"].to_yaml() == 0.0
     assert config.name == f"bench-lenet5-{technique}"
 
 
@@ -51,22 +51,37 @@ def test_best_within_respects_the_accuracy_limit():
 def test_the_joint_study_starts_from_the_single_techniques_best_finalists():
     import optuna
 
-    from search.bench import best_rows, seed_joint
+    from experiments.bench import best_rows, seed_joint
 
     rows = [
-        {"trial": 3, "pruning.structured_ratio": 0.5, "compression_ratio": 4.0, "final_speedup": 3.0,
-         "final_speedup_b64": 4.0, "test_accuracy": 0.9, "test_accuracy_drop": 0.005},
-        {"trial": 4, "pruning.structured_ratio": 0.7, "compression_ratio": 9.0, "final_speedup": 5.0,
-         "final_speedup_b64": 6.0, "test_accuracy": 0.8, "test_accuracy_drop": 0.1},
-    ]  # fmt: skip
+        {
+            "trial": 3,
+            "pruning.structured_ratio": 0.5,
+            "compression_ratio": 4.0,
+            "final_speedup": 3.0,
+            "final_speedup_b64": 4.0,
+            "test_accuracy": 0.9,
+            "test_accuracy_drop": 0.005,
+        },
+        {
+            "trial": 4,
+            "pruning.structured_ratio": 0.7,
+            "compression_ratio": 9.0,
+            "final_speedup": 5.0,
+            "final_speedup_b64": 6.0,
+            "test_accuracy": 0.8,
+            "test_accuracy_drop": 0.1,
+        },
+    ]
     assert [r["trial"] for r in best_rows(rows)] == [3]  # trial 4 is outside the accuracy limit
     joint = load_config(ROOT / "experiments" / "fmnist_cnn.yaml")
     config = technique_config(joint, "lenet5", "joint")
-    assert config.search_space["distillation.alpha"][0] == 0.0  # holds the plain fine-tune of the singles
+    assert config.search_space["distillation.alpha"].low == 0.0  # holds the plain fine-tune of the singles
     study = optuna.create_study(directions=["maximize", "minimize"])
     seeds = {(("pruning.structured_ratio", 0.5),): "pruning trial 3"}
-    assert seed_joint(study, seeds) == 1
-    assert seed_joint(study, seeds) == 1  # resuming does not enqueue again
+    strategies = build_strategies(config.search_space)
+    assert seed_joint(study, strategies, seeds) == 1
+    assert seed_joint(study, strategies, seeds) == 1  # resuming does not enqueue again
     (trial,) = study.trials
     assert trial.user_attrs["seeded_from"] == "pruning trial 3"
     params = study.get_trials()[0].system_attrs["fixed_params"]

@@ -3,8 +3,9 @@
 import pytest
 import yaml
 
+from objectives.registry import get_objective
 from search.config import ConfigError, apply_override, load_config, parse_config
-from search.study import validate
+from strategies.registry import build_strategies
 from tests.conftest import ROOT
 
 
@@ -15,7 +16,8 @@ def smoke_raw():
 @pytest.mark.parametrize("name", ["fmnist_cnn", "fmnist_mlp", "smoke"])
 def test_shipped_configs_load_and_validate(name):
     config = load_config(ROOT / "experiments" / f"{name}.yaml")
-    strategies, objectives = validate(config)
+    strategies = build_strategies(config.search_space)
+    objectives = [get_objective(name) for name in config.search.objectives]
     assert config.name == name
     assert [o.name for o in objectives] == list(config.search.objectives)
     assert {s.name for s in strategies} == {
@@ -49,7 +51,7 @@ def test_bad_values_name_their_key(override, key):
     raw = smoke_raw()
     apply_override(raw, override)
     with pytest.raises(ConfigError) as info:
-        validate(parse_config(raw))
+        parse_config(raw)
     assert key in str(info.value)
 
 
@@ -57,7 +59,7 @@ def test_empty_search_space_is_refused():
     raw = smoke_raw()
     raw["search_space"] = {}
     with pytest.raises(ConfigError, match="search_space is empty"):
-        validate(parse_config(raw))
+        parse_config(raw)
 
 
 def test_override_parses_yaml_values_and_dotted_space_keys():
@@ -65,7 +67,7 @@ def test_override_parses_yaml_values_and_dotted_space_keys():
     apply_override(raw, "search_space.quantization.weight_bits=[2, 8]")
     apply_override(raw, "latency.batch_sizes=[1, 64]")
     config = parse_config(raw)
-    assert config.search_space["quantization.weight_bits"] == [2, 8]
+    assert config.search_space["quantization.weight_bits"].choices == (2, 8)
     assert config.latency.batch_sizes == (1, 64)
     with pytest.raises(ConfigError, match="key=value"):
         apply_override(raw, "latency.batch_sizes")

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from experiments.efficiency import TABLE_PATH, Table, grid_configs, replay, target_met
 from search import front
 from search.cli import main
 from search.config import ConfigError, parse_config
-from search.efficiency import TABLE_PATH, Table, grid_configs, replay, target_met
-from search.study import resolve_sampler
+from search.samplers import resolve_sampler
 from search.tracking import sqlite_uri
 from tests.conftest import ROOT, needs_fashion_mnist
-from tests.test_search import SMOKE, load_study, runs_of
+from tests.helpers import SMOKE, load_study, runs_of
 
 BASELINE = {"accuracy": 0.90, "size_bytes": 1000.0, "latency_ms": 2.0}
 OBJECTIVES = ("accuracy", "size_bytes", "latency_ms")
@@ -35,7 +35,7 @@ def point(drop, size_ratio, latency_ratio):
 
 
 def test_hypervolume_is_the_box_to_the_reference_point():
-    ref = front.REFERENCE
+    ref = front.reference_point(OBJECTIVES)
     single = front.hypervolume([point(0.0, 0.5, 0.75)], BASELINE, OBJECTIVES)
     assert single == pytest.approx(ref["accuracy"] * (ref["size_bytes"] - 0.5) * (ref["latency_ms"] - 0.75))
     # a dominated point adds nothing; a point beyond the reference counts nothing
@@ -53,8 +53,11 @@ def test_latency_counts_as_the_trials_own_same_run_speedup():
 
 
 def test_recommendation_is_the_smallest_within_the_limit_else_the_knee():
-    rows = [dict(point(0.002, 0.30, 1.0), trial=0), dict(point(0.008, 0.10, 1.0), trial=1),
-            dict(point(0.03, 0.02, 0.5), trial=2)]  # fmt: skip
+    rows = [
+        dict(point(0.002, 0.30, 1.0), trial=0),
+        dict(point(0.008, 0.10, 1.0), trial=1),
+        dict(point(0.03, 0.02, 0.5), trial=2),
+    ]
     pick, rule = front.recommend(rows, BASELINE, OBJECTIVES, max_accuracy_drop=0.01)
     assert pick["trial"] == 1 and "smallest" in rule
     pick, rule = front.recommend(rows, BASELINE, OBJECTIVES, max_accuracy_drop=0.001)
@@ -66,10 +69,14 @@ def test_recommendation_is_the_smallest_within_the_limit_else_the_knee():
 
 @pytest.mark.parametrize(
     "constraints, key",
-    [({"max_accuracy_drop": 1.0}, "max_accuracy_drop"), ({"max_accuracy_drop": -0.1}, "max_accuracy_drop"),
-     ({"max_size_bytes": 0}, "max_size_bytes"), ({"max_latency_ms": 0}, "max_latency_ms"),
-     ({"max_size": 5}, "max_size")],
-)  # fmt: skip
+    [
+        ({"max_accuracy_drop": 1.0}, "max_accuracy_drop"),
+        ({"max_accuracy_drop": -0.1}, "max_accuracy_drop"),
+        ({"max_size_bytes": 0}, "max_size_bytes"),
+        ({"max_latency_ms": 0}, "max_latency_ms"),
+        ({"max_size": 5}, "max_size"),
+    ],
+)
 def test_bad_constraints_name_the_key(constraints, key):
     with pytest.raises(ConfigError, match=key):
         parse_config({"name": "x", "constraints": constraints})
@@ -112,7 +119,7 @@ def test_the_efficiency_benchmark_reports_every_budget_against_both_reference_po
             for n in ("6", "50"):
                 assert len(per_budget[n]["hv_ratio"]) == 2 and all(0 < r <= 1 for r in per_budget[n]["hv_ratio"])
             # a sampler does not know its budget: the longer run only adds to the shorter one
-            assert all(a <= b for a, b in zip(per_budget["6"]["hv_ratio"], per_budget["50"]["hv_ratio"]))
+            assert all(a <= b for a, b in zip(per_budget["6"]["hv_ratio"], per_budget["50"]["hv_ratio"], strict=False))
         assert 0 <= per_ref["samplers"]["auto"]["50"]["p_vs_random-plain"] <= 1
     # the same replays, measured twice: the nadir is the table's worst point, so every configuration
     # adds to its volume, while the search's own box holds less of it
@@ -181,7 +188,7 @@ def test_constrained_search_recommends_a_feasible_model_and_reports_it(constrain
     history = client.get_metric_history(parents[0].info.run_id, "hypervolume")
     assert [m.step for m in history] == list(range(1, 9))
     values = [m.value for m in history]
-    assert all(b >= a for a, b in zip(values, values[1:])) and all(math.isfinite(v) for v in values)
+    assert all(b >= a for a, b in zip(values, values[1:], strict=False)) and all(math.isfinite(v) for v in values)
     assert "report.html" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     versions = client.search_model_versions("name = 'smoke'")
     assert len(versions) == 1 and versions[0].run_id == pick["mlflow_run_id"]
@@ -204,9 +211,11 @@ def test_the_mlflow_server_shows_the_decision(constrained_run):
         port = probe.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "search.cli", "ui", "--run-dir", str(run_dir), "--port", str(port)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
 
     def call(path, body=None):

@@ -3,10 +3,11 @@ import contextlib
 import pytest
 import torch
 
-from experiments.data import load_fashion_mnist, subset
+from experiments.data import load_fashion_mnist
 from strategies.base import CompressionError, Context
 from strategies.distillation import Distillation, DistillationConfig, distill_, distillation_loss
 from strategies.quantization import Quantization, QuantizationConfig
+from strategies.registry import parse_space
 from strategies.unstructured import prunable_weights, prune_weights_
 from tests.conftest import needs_fashion_mnist
 from tests.helpers import MODELS, context, trained_like
@@ -23,28 +24,30 @@ def test_loss_is_finite_at_any_temperature_and_reduces_to_its_parts():
 
 
 def real_task(n=1500):
+    """A fixed random subset of `n` Fashion-MNIST training images (x and y)."""
     train, _ = load_fashion_mnist()
-    return subset(train, n, seed=0)
+    idx = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(0))[:n]
+    return train.x[idx], train.y[idx]
 
 
 @needs_fashion_mnist
 def test_distillation_loss_falls_and_pruned_weights_stay_zero():
-    data = real_task()
+    x, y = real_task()
     torch.manual_seed(0)
     teacher = MODELS["lenet300"]()
     # a quick teacher: a few hundred steps of plain training
     opt = torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9)
     for _ in range(3):
-        for i in range(0, len(data.x), 100):
-            loss = torch.nn.functional.cross_entropy(teacher(data.x[i : i + 100]), data.y[i : i + 100])
+        for i in range(0, len(x), 100):
+            loss = torch.nn.functional.cross_entropy(teacher(x[i : i + 100]), y[i : i + 100])
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
-        logits = teacher.eval()(data.x)
+        logits = teacher.eval()(x)
     student = prune_weights_(trained_like(MODELS["lenet300"], seed=1), 0.7)
     zeros = {n: (w == 0).clone() for n, w in prunable_weights(student)}
-    history = distill_(student, data.x, data.y, logits, DistillationConfig(4, 4.0, 0.7, 0.05), batch_size=64)
+    history = distill_(student, x, y, logits, DistillationConfig(4, 4.0, 0.7, 0.05), batch_size=64)
     assert len(history) == 4 and history[-1] < history[0] * 0.8
     for name, w in prunable_weights(student):
         assert bool((w[zeros[name]] == 0).all()), name
@@ -85,7 +88,7 @@ def test_other_params_are_conditional_on_epochs():
     import optuna
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    strategy = Distillation({"distillation.epochs": [0, 1]})
+    strategy = Distillation(parse_space({"distillation.epochs": [0, 1]}))
     for _ in range(12):
         trial = study.ask()
         config = strategy.suggest(trial)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import workloads
-from experiments.data import DatasetMissingError, Split, load_fashion_mnist, read_idx, split_train_val
+from experiments.data import DatasetMissingError, load_fashion_mnist, read_idx
 from experiments.models import MODELS
-from experiments.workloads import build_workload, resolve_callable
+from search import workload as workloads
+from search.workload import Split, build_workload, resolve_callable, split_train_val
 from tests.conftest import needs_fashion_mnist
 
 
@@ -90,7 +90,8 @@ def test_baseline_is_cached_and_not_retrained(tmp_path, monkeypatch):
     monkeypatch.setattr(workloads, "train_baseline", lambda *a, **k: calls.append(1))
     second = build_workload(**kwargs)
     assert calls == []
-    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
+    pairs = zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert workloads.evaluate_accuracy(first.model, first.val) > 0.5  # it learned the planted signal
     # anything that defines the weights changes the key
     third = build_workload(**{**kwargs, "training": {"epochs": 1, "lr": 0.05, "batch_size": 32}})

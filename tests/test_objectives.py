@@ -1,14 +1,28 @@
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
 
 from objectives.accuracy import Accuracy, top1_accuracy
-from objectives.base import Candidate, EvalContext, LatencySettings, ObjectiveError
+from objectives.base import EvalContext, LatencySettings, ObjectiveError
 from objectives.complexity import count_macs, count_params
-from objectives.latency import LatencyMs, time_runner
+from objectives.latency import LatencyMs, time_interleaved
 from objectives.registry import OBJECTIVES, get_objective
 from objectives.size import SizeBytes
 from tests.helpers import MODELS
+
+
+@dataclass
+class Candidate:
+    """The plainest thing objectives can measure (objectives.base.Candidate is a protocol)."""
+
+    artifact_path: Path
+    run: Callable
+    predict: Callable
+    model: torch.nn.Module | None = None
 
 
 def candidate(tmp_path, predict=None, run=None, content=b"x" * 123):
@@ -60,7 +74,7 @@ def test_latency_times_warmup_plus_repeats_calls_on_the_configured_batch(tmp_pat
     assert metrics["latency_ms"] > 0 and metrics["latency_p90_ms"] >= metrics["latency_ms"]
     assert metrics["latency_spread"] >= 0 and metrics["latency_ms_b2"] > 0
     assert "speedup" not in metrics  # no reference runner, no ratio
-    stats = time_runner(run, np.zeros((1, 1, 28, 28), np.float32), 0, 9)
+    (stats,) = time_interleaved([run], np.zeros((1, 1, 28, 28), np.float32), 0, 9)
     assert stats.p10_ms <= stats.median_ms <= stats.p90_ms and stats.repeats == 9
 
 

@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from objectives.complexity import count_macs, count_params
-from strategies.base import CompressionError
+from strategies.base import CompressionError, Strategy
+from strategies.registry import (
+    all_space_keys,
+    build_strategies,
+    parse_space,
+    pipeline,
+    register_strategy,
+    unregister_strategy,
+)
+from strategies.space import TOP, ChoiceParam, FloatParam, IntParam, parse_param
 from strategies.structured import StructuredPruning, StructuredPruningConfig
 from strategies.unstructured import UnstructuredPruning, UnstructuredPruningConfig, prunable_weights, prune_weights_
 from tests.helpers import MODELS, context, trained_like
@@ -23,7 +32,7 @@ def test_structured_pruning_shrinks_params_and_macs_and_keeps_output_shape(name,
     originals = [
         m.weight.shape[0] for m in MODELS[name]().modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
     ]
-    assert widths[-1] == 10 and all(w < o for w, o in zip(widths[:-1], originals[:-1]))
+    assert widths[-1] == 10 and all(w < o for w, o in zip(widths[:-1], originals[:-1], strict=True))
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
@@ -79,7 +88,7 @@ def test_suggest_uses_namespaced_params():
 
     study = optuna.create_study()
     trial = study.ask()
-    config = StructuredPruning({"pruning.structured_ratio": [0.1, 0.2]}).suggest(trial)
+    config = StructuredPruning(parse_space({"pruning.structured_ratio": [0.1, 0.2]})).suggest(trial)
     assert 0.1 <= config.ratio <= 0.2 and list(trial.params) == ["pruning.structured_ratio"]
 
 
@@ -87,7 +96,7 @@ def test_per_layer_sparsity_spares_the_sensitive_layers_and_keeps_the_overall_sp
     from optuna.trial import FixedTrial
 
     model = trained_like(MODELS["lenet5"])
-    strategy = UnstructuredPruning({"pruning.per_layer_sparsity": [False, True]})
+    strategy = UnstructuredPruning(parse_space({"pruning.per_layer_sparsity": [False, True]}))
     assert UnstructuredPruning().sensitivity(model, context().calibration_x, 32) is None
     ctx = context(n=256)
     scan = strategy.sensitivity(model, ctx.calibration_x, 32)
@@ -95,7 +104,7 @@ def test_per_layer_sparsity_spares_the_sensitive_layers_and_keeps_the_overall_sp
     assert list(scan) == list(sizes) and all(v[1.0] == 0.0 and v[0.01] > v[0.5] for v in scan.values())
     # the first convolution (500 weights) as the most sensitive layer, the 400k-weight one as the least
     names = list(sizes)
-    costs = {n: {d: (1 - d) * f for d in scan[n]} for n, f in zip(names, (100.0, 10.0, 0.1, 1.0))}
+    costs = {n: {d: (1 - d) * f for d in scan[n]} for n, f in zip(names, (100.0, 10.0, 0.1, 1.0), strict=True)}
     ctx.sensitivity = {"unstructured_pruning": costs}
 
     config = strategy.suggest(FixedTrial({"pruning.unstructured_sparsity": 0.9, "pruning.per_layer_sparsity": True}))
@@ -112,3 +121,120 @@ def test_per_layer_sparsity_spares_the_sensitive_layers_and_keeps_the_overall_sp
         strategy.apply(trained_like(MODELS["lenet5"]), config, context())
     with pytest.raises(ValueError, match=r"pruning.per_layer_sparsity must be one of \[False, True\]"):
         UnstructuredPruningConfig(0.5, per_layer="yes")
+
+
+# ------------------------------------------- every strategy: its search space and the registry
+
+
+def test_search_space_errors_name_the_key():
+    with pytest.raises(
+        ValueError, match=r"unknown search_space key 'pruning.ratio'; valid keys are \[.*'pruning.structured"
+    ):
+        parse_space({"pruning.ratio": 0.5})
+    with pytest.raises(ValueError, match=r"search_space is empty; name at least one of \['distillation.alpha'"):
+        parse_space({})
+    with pytest.raises(ValueError, match=r"pruning.structured_ratio must lie within \[0.0, 0.9\], got \[0.0, 0.95\]"):
+        parse_space({"pruning.structured_ratio": [0.0, 0.95]})
+    with pytest.raises(
+        ValueError, match=r"quantization.weight_bits must be chosen from \[2, 3, 4, 5, 6, 8, 32\], got 7"
+    ):
+        parse_space({"quantization.weight_bits": [4, 7]})
+    with pytest.raises(ValueError, match=r"distillation.epochs must be whole numbers within \[0, 20\], got \[0, 1.5\]"):
+        parse_space({"distillation.epochs": [0, 1.5]})
+    with pytest.raises(TypeError, match="pruning.structured_ratio"):
+        StructuredPruning({"pruning.structured_ratio": [0.1, 0.2]})  # raw YAML: parse_space first
+
+
+def test_parse_space_returns_the_listed_keys_narrowed_with_their_off_values():
+    space = parse_space({"quantization.weight_bits": [32, 4], "pruning.structured_ratio": [0.1, 0.4]})
+    assert space == {
+        "pruning.structured_ratio": FloatParam(0.1, 0.4, off=0.0),  # 0 is outside, and still the off value
+        "quantization.weight_bits": ChoiceParam((4, 32), off=32),
+    }
+    strategies = build_strategies(space)
+    assert [s.name for s in strategies] == ["structured_pruning", "quantization"]
+    assert strategies[1].space["quantization.mixed_precision"] == ChoiceParam((False,), off=False)  # off unless listed
+
+
+def _narrowed(param):
+    if isinstance(param, ChoiceParam):
+        return [param.choices[0], param.choices[-1]]
+    return [param.low, (param.low + param.high) // 2 if isinstance(param, IntParam) else (param.low + param.high) / 2]
+
+
+@pytest.mark.parametrize("cls", pipeline(), ids=lambda cls: cls.__name__)
+def test_params_write_back_the_yaml_they_parse_from(cls):
+    for key, default in cls.default_space.items():
+        assert parse_param(key, default.to_yaml(), default) == default
+        narrowed = parse_param(key, _narrowed(default), default)
+        assert parse_param(key, narrowed.to_yaml(), default) == narrowed and narrowed.off == default.off
+        assert default.off is None or default.admits(default.off)
+    assert FloatParam(0.5, 0.5).to_yaml() == 0.5 and IntParam(0, 3).to_yaml() == [0, 3]
+    assert not ChoiceParam((4, 8)).admits(True) and not ChoiceParam((False, True)).admits(1)
+
+
+@pytest.mark.parametrize("cls", pipeline(), ids=lambda cls: cls.__name__)
+def test_off_values_turn_the_strategy_off(cls):
+    from optuna.trial import FixedTrial
+
+    strategy = cls()
+    off = {key: param.off for key, param in strategy.space.items() if param.off is not None}
+    assert off, "a strategy needs a parameter that turns it off"
+    assert not strategy.is_active(strategy.suggest(FixedTrial(off)))
+
+
+def test_anchors_are_in_rank_order_and_inside_the_default_space():
+    anchors = sorted((a for cls in pipeline() for a in cls.anchors), key=lambda a: a.rank)
+    names = ["int8", "4-bit", "structured-50", "unstructured-80", "student-half", "student-smallest"]
+    assert [a.name for a in anchors] == names
+    defaults = {key: param for cls in pipeline() for key, param in cls.default_space.items()}
+    for anchor in anchors:
+        assert all(value is TOP or defaults[key].admits(value) for key, value in anchor.params.items()), anchor
+
+
+class Toy(Strategy):
+    """A fifth technique, registered for one test at a time."""
+
+    name = "toy"
+    phase = "finetune"
+    default_space = {"toy.level": IntParam(0, 3, off=0)}
+
+    def suggest(self, trial):
+        return self._suggest(trial, "toy.level")
+
+    def apply(self, model, config, context):
+        return model
+
+
+def test_a_registered_strategy_takes_its_place_by_phase():
+    assert [cls.phase for cls in pipeline()] == ["prune", "prune", "finetune", "quantize"]
+    early = type("EarlyToy", (Toy,), {"phase": "prune"})
+    register_strategy(early)
+    try:
+        order = ["StructuredPruning", "UnstructuredPruning", "EarlyToy", "Distillation", "Quantization"]
+        assert [cls.__name__ for cls in pipeline()] == order
+        assert "toy.level" in all_space_keys()
+        strategies = build_strategies(parse_space({"distillation.epochs": 1, "toy.level": [0, 2]}))
+        assert [s.name for s in strategies] == ["toy", "distillation"]
+    finally:
+        unregister_strategy(early)
+    assert "toy.level" not in all_space_keys()
+
+
+@pytest.mark.parametrize(
+    "attrs, message",
+    [
+        ({"phase": "export"}, r"Bad.phase must be one of \['prune', 'finetune', 'quantize'\], got 'export'"),
+        ({"name": "quantization"}, r"strategy name 'quantization' of Bad is already registered by Quantization"),
+        (
+            {"default_space": {"quantization.weight_bits": ChoiceParam((4, 8))}},
+            r"Bad's search_space key 'quantization.weight_bits' is already registered by Quantization",
+        ),
+        ({"default_space": {"level": IntParam(0, 3)}}, r"Bad's search_space key 'level' must be namespaced"),
+    ],
+)
+def test_register_strategy_refuses_an_unknown_phase_and_taken_names(attrs, message):
+    bad = type("Bad", (Toy,), attrs)
+    with pytest.raises(ValueError, match=message):
+        register_strategy(bad)
+    assert bad not in pipeline()

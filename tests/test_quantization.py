@@ -4,75 +4,20 @@ import pytest
 import torch
 from torch import nn
 
-from strategies.base import CompressionError, Context
+from strategies.base import CompressionError, weight_layers
 from strategies.fold import fold_batchnorm_
 from strategies.quantization import (
+    FLOAT_BITS,
     WEIGHT_BITS,
     Quantization,
     QuantizationConfig,
     QuantizationError,
-    distinct_codes_per_channel,
-    quantized_layers,
     set_input_quantization_,
 )
+from strategies.registry import parse_space
+from tests.helpers import context, distinct_codes_per_channel, inputs, lenet5_bn, mlp_bn, prune_, quantize, random_model
 
-LOW_BITS = [b for b in WEIGHT_BITS if b < 32]
-
-
-# ------------------------------------------------------------------ shared builders
-
-
-def lenet5(c1=20, c2=50, hidden=500):
-    """LeNet-5 with BatchNorm; smaller sizes stand in for a structurally pruned one."""
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 5), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 5), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(c2 * 16, hidden), nn.ReLU(), nn.Linear(hidden, 10),
-    )  # fmt: skip
-
-
-def mlp_bn():
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
-
-
-def random_model(factory=lenet5, seed=0, **sizes):
-    """Random weights and BatchNorm statistics that are far from the identity, in eval mode."""
-    torch.manual_seed(seed)
-    model = factory(**sizes)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.2, 3.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    return model.eval()
-
-
-def prune_(model, sparsity):
-    """Zero the smallest-|w| fraction of every Conv/Linear weight."""
-    with torch.no_grad():
-        for _, layer in quantized_layers(model):
-            w = layer.weight
-            k = int(sparsity * w.numel())
-            threshold = w.abs().flatten().kthvalue(k).values
-            w.mul_(w.abs() > threshold)
-    return model
-
-
-def make_context(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return Context(example_inputs=x[:1], finetune_x=x, finetune_y=y, calibration_x=x, batch_size=16)
-
-
-def inputs(n=32, seed=1):
-    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-
-
-def quantize(model, bits, activations=32):
-    return Quantization().apply(model, QuantizationConfig(bits, activations), make_context())
+LOW_BITS = [b for b in WEIGHT_BITS if b < FLOAT_BITS]
 
 
 # --------------------------------------------------------------------------- config
@@ -92,9 +37,11 @@ def test_config_errors_name_the_field_and_choices(field, value, valid):
         QuantizationConfig(**{field: value})
 
 
-def test_config_round_trips_through_a_dict():
+def test_config_is_plain_values_and_says_what_it_quantizes():
     config = QuantizationConfig(4, 8)
-    assert QuantizationConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict() == {"weight_bits": 4, "activation_bits": 8, "mixed_precision": False, "layer_bits": ()}
+    assert config.quantizes_weights and config.quantizes_activations
+    assert not QuantizationConfig().quantizes_weights and not QuantizationConfig(4).quantizes_activations
 
 
 class FakeTrial:
@@ -124,7 +71,7 @@ def test_is_active_unless_everything_is_32_bit():
 # -------------------------------------------------------------------------- folding
 
 
-@pytest.mark.parametrize("factory, expected", [(lenet5, ["1", "5"]), (mlp_bn, ["2"])])
+@pytest.mark.parametrize("factory, expected", [(lenet5_bn, ["1", "5"]), (mlp_bn, ["2"])])
 def test_batchnorm_folding_keeps_outputs_and_names(factory, expected):
     model = random_model(factory)
     x = inputs()
@@ -188,7 +135,7 @@ def test_untraceable_models_fold_only_when_they_have_batchnorm():
 def test_b_bit_weights_are_integer_codes_times_a_channel_scale(bits):
     model = quantize(random_model(), bits)
     q = 2 ** (bits - 1) - 1
-    for name, layer in quantized_layers(model):
+    for name, layer in weight_layers(model):
         assert max(distinct_codes_per_channel(layer)) <= 2**bits, name
         scale = layer.weight_scale.view(-1, *([1] * (layer.weight.dim() - 1)))
         codes = torch.round(layer.weight.detach() / scale)
@@ -202,9 +149,9 @@ def test_pruned_zeros_stay_zero_and_zero_channels_are_safe(bits):
     model = prune_(random_model(mlp_bn), 0.8)
     with torch.no_grad():
         model[4].weight[3] = 0  # an all-zero output channel
-    zeros = {name: (layer.weight == 0).clone() for name, layer in quantized_layers(model)}
+    zeros = {name: (layer.weight == 0).clone() for name, layer in weight_layers(model)}
     quantize(model, bits)
-    for name, layer in quantized_layers(model):
+    for name, layer in weight_layers(model):
         assert bool((layer.weight[zeros[name]] == 0).all()), name
         assert torch.isfinite(layer.weight_scale).all()
     assert bool((model[4].weight[3] == 0).all())
@@ -234,9 +181,9 @@ def test_quantization_survives_deepcopy_and_state_dict_round_trip():
 
 
 def test_int8_activations_are_calibrated_and_fake_quantized():
-    ctx = make_context(n=96)
+    ctx = context(n=96, batch_size=16)
     model = Quantization().apply(random_model(), QuantizationConfig(8, 8), ctx)
-    layers = dict(quantized_layers(model))
+    layers = dict(weight_layers(model))
     seen = {}
     for name, layer in layers.items():
         layer.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
@@ -261,7 +208,7 @@ def test_recalibrating_does_not_stack_fake_quant_hooks():
 
 
 def test_activation_quantization_needs_calibration_data():
-    ctx = make_context()
+    ctx = context(batch_size=16)
     ctx.calibration_x = ctx.calibration_x[:0]
     with pytest.raises(QuantizationError, match="calibration data"):
         Quantization().apply(random_model(), QuantizationConfig(8, 8), ctx)
@@ -278,10 +225,15 @@ def test_quantized_model_exports_to_onnx_and_runs_the_same(tmp_path, bits, activ
     model = quantize(random_model(), bits, activations)
     path = tmp_path / "model.onnx"
     torch.onnx.export(
-        model, (inputs(1),), str(path), dynamo=False, opset_version=17,
-        input_names=["input"], output_names=["logits"],
+        model,
+        (inputs(1),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-    )  # fmt: skip
+    )
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     assert ops.count("QuantizeLinear") == (4 if activations == 8 else 0)  # one per layer input
     # Graph optimisations off: this checks the exported graph computes what torch computes.
@@ -303,11 +255,11 @@ def test_quantized_model_exports_to_onnx_and_runs_the_same(tmp_path, bits, activ
 
 def test_training_simulation_uses_ste_gradients_and_restores_float_weights():
     model = prune_(random_model(mlp_bn), 0.5)
-    originals = {name: layer.weight for name, layer in quantized_layers(model)}
+    originals = {name: layer.weight for name, layer in weight_layers(model)}
     floats = {name: w.detach().clone() for name, w in originals.items()}
     x = inputs(16)
     with Quantization.training_simulation(QuantizationConfig(2, 32))(model):
-        for name, layer in quantized_layers(model):
+        for name, layer in weight_layers(model):
             seen = layer.weight.detach()
             assert max(distinct_codes_per_channel(layer)) <= 4  # the forward sees 2-bit weights
             assert bool((seen[floats[name] == 0] == 0).all())  # pruned stay pruned under q
@@ -316,12 +268,12 @@ def test_training_simulation_uses_ste_gradients_and_restores_float_weights():
     # the reference: the same forward with the quantized weights as ordinary leaves
     reference = copy.deepcopy(model)
     with Quantization.training_simulation(QuantizationConfig(2, 32))(reference):
-        fixed = {name: layer.weight.detach().clone() for name, layer in quantized_layers(reference)}
-    for name, layer in quantized_layers(reference):
+        fixed = {name: layer.weight.detach().clone() for name, layer in weight_layers(reference)}
+    for name, layer in weight_layers(reference):
         layer.weight = nn.Parameter(fixed[name])
     reference(x).square().mean().backward()
 
-    for name, layer in quantized_layers(model):
+    for name, layer in weight_layers(model):
         assert layer.weight is originals[name]  # the Parameter the optimizer holds
         assert torch.equal(layer.weight.detach(), floats[name])  # float weights, not quantized
         assert not hasattr(layer, "parametrizations")
@@ -334,7 +286,7 @@ def test_training_simulation_at_32_bits_changes_nothing():
     model = random_model(mlp_bn)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with Quantization.training_simulation(QuantizationConfig(32, 32))(model):
-        assert not any(hasattr(layer, "parametrizations") for _, layer in quantized_layers(model))
+        assert not any(hasattr(layer, "parametrizations") for _, layer in weight_layers(model))
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
@@ -361,7 +313,7 @@ def test_allocation_spends_the_budget_where_the_sensitivity_is():
         costs = {}
         for name in counts:  # decreasing with the level, as measured
             steps = torch.rand(len(levels), generator=rng).sort(descending=True).values.cumsum(0).flip(0)
-            costs[name] = dict(zip(levels, steps.tolist()))
+            costs[name] = dict(zip(levels, steps.tolist(), strict=True))
         average = float(torch.empty(1).uniform_(2, 8, generator=rng))
         chosen = allocate(counts, costs, average)
         assert sum(counts[k] * chosen[k] for k in counts) <= average * sum(counts.values()) * (1 + 1e-9)
@@ -373,11 +325,11 @@ def test_mixed_precision_is_searched_only_where_the_space_lists_it():
 
     params = {"quantization.weight_bits": 4, "quantization.activation_bits": 8}
     assert Quantization().suggest(FixedTrial(params)) == QuantizationConfig(4, 8)
-    listed = Quantization({"quantization.mixed_precision": [False, True]})
+    listed = Quantization(parse_space({"quantization.mixed_precision": [False, True]}))
     assert Quantization().sensitivity(random_model(), inputs(), 16) is None
     mixed = {**params, "quantization.mixed_precision": True}
     assert listed.suggest(FixedTrial(mixed)) == QuantizationConfig(4, 8, mixed_precision=True)
     with pytest.raises(ValueError, match=r"quantization.mixed_precision must be chosen from \[False, True\]"):
-        Quantization({"quantization.mixed_precision": [1]})
+        parse_space({"quantization.mixed_precision": [1]})
     with pytest.raises(ValueError, match="quantization.layer_bits"):
         QuantizationConfig(4, 32, mixed_precision=True, layer_bits=(("0", 32),))

@@ -16,18 +16,23 @@ from search.cli import main
 from search.tracking import PARENT_TAG, sqlite_uri
 from strategies.base import CompressionError
 from tests.conftest import ROOT, needs_fashion_mnist
-from tests.test_search import SMOKE, finished, load_study, runs_of
+from tests.helpers import SMOKE, finished, load_study, runs_of
 
 pytestmark = needs_fashion_mnist
 
 # Every trial fine-tunes a model that sleeps 50 ms per step: about 2.5 s per trial.
 SLOW = [
-    "--set", "workload.model=tests.faults:slow_to_train",
-    "--set", "search_space={distillation.epochs: [3, 3], pruning.unstructured_sparsity: [0.0, 0.5]}",
-    "--set", "search.finetune_size=2000",
-    "--set", "search.anchors=false",
-    "--set", "search.early_stop=false",  # every trial runs all its epochs: these tests count COMPLETE ones
-]  # fmt: skip
+    "--set",
+    "workload.model=tests.faults:slow_to_train",
+    "--set",
+    "search_space={distillation.epochs: [3, 3], pruning.unstructured_sparsity: [0.0, 0.5]}",
+    "--set",
+    "search.finetune_size=2000",
+    "--set",
+    "search.anchors=false",
+    "--set",
+    "search.early_stop=false",  # every trial runs all its epochs: these tests count COMPLETE ones
+]
 
 
 def cli(*args):
@@ -124,7 +129,7 @@ def test_failing_candidates_fail_alone_with_their_reason(tmp_path, monkeypatch):
 
     def faulty(model, *args, **kwargs):
         calls.append(1)
-        model = compress(model, *args, **kwargs)
+        model, configs = compress(model, *args, **kwargs)
         if len(calls) == 1:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
@@ -134,7 +139,7 @@ def test_failing_candidates_fail_alone_with_their_reason(tmp_path, monkeypatch):
             time.sleep(30)
         elif len(calls) == 4:
             torch.empty(1 << 50)  # the allocator refuses
-        return model
+        return model, configs
 
     monkeypatch.setattr(strategies.pipeline, "compress", faulty)
     run_dir = tmp_path / "run"

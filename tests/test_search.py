@@ -3,37 +3,14 @@
 import json
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from search.cli import main
 from search.tracking import PARENT_TAG, sqlite_uri
-from tests.conftest import ROOT, needs_fashion_mnist
-
-SMOKE = str(ROOT / "experiments" / "smoke.yaml")
-
-
-def load_study(run_dir):
-    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
-    return optuna.load_study(study_name="smoke", storage=storage)
-
-
-def finished(run_dir):
-    """The study's evaluated trials (anchors not reached yet wait in the queue)."""
-    return [t for t in load_study(run_dir).trials if t.state.is_finished()]
-
-
-def runs_of(run_dir):
-    client = MlflowClient(sqlite_uri(run_dir))
-    experiment = client.get_experiment_by_name("smoke")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
-    children = [r for r in runs if PARENT_TAG in r.data.tags]
-    return parents, children
+from tests.conftest import needs_fashion_mnist
+from tests.helpers import SMOKE, finished, load_study, runs_of
 
 
 @needs_fashion_mnist
@@ -70,7 +47,7 @@ def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
     vec = {c.info.run_id: [sign * c.data.metrics[k] for k, sign in keys] for c in complete}
     for p in pareto:
         a = vec[p.info.run_id]
-        assert not any(all(x <= y for x, y in zip(b, a)) and b != a for b in vec.values())
+        assert not any(all(x <= y for x, y in zip(b, a, strict=False)) and b != a for b in vec.values())
     assert {"baseline_accuracy", "baseline_test_accuracy"} <= set(parents[0].data.metrics)
     artifacts = {a.path for a in MlflowClient(sqlite_uri(run_dir)).list_artifacts(parent_id)}
     assert {"results.csv", "pareto.png", "finalists.csv"} <= artifacts
@@ -84,7 +61,7 @@ def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
 
     # every Pareto trial exports to a package that reproduces it
     from experiments.data import load_fashion_mnist
-    from search.export import load_package
+    from search.package import load_package
     from strategies.runtime import check_agreement, ort_session
 
     val_x = load_fashion_mnist()[1].x[:500]
@@ -95,7 +72,7 @@ def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
         assert (out / "weights.acw").stat().st_size == p.data.metrics["size_bytes"]
         model = load_package(out)
         session = ort_session(out / "model.onnx", threads=1)
-        runtime = lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])  # noqa: E731
+        runtime = lambda x, s=session: torch.from_numpy(s.run(None, {"input": x.numpy()})[0])
         with torch.no_grad():
             assert check_agreement(runtime, model, val_x) <= 0.005
             if p.data.params.get("quantization.activation_bits") in (None, "32"):
@@ -201,12 +178,12 @@ def test_failing_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path)
 
 
 def test_unexpected_errors_exit_1(tmp_path, monkeypatch, capsys):
-    import search.study
+    import search.prepare
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(search.study, "prepare", broken)
+    monkeypatch.setattr(search.prepare, "prepare", broken)
     assert main(["run", SMOKE, "--run-dir", str(tmp_path / "run")]) == 1
     assert "disk on fire" in capsys.readouterr().err
 
@@ -231,9 +208,9 @@ def test_console_script_exit_codes(tmp_path):
 
 @needs_fashion_mnist
 def test_runtime_that_disagrees_with_the_simulation_fails_the_trial(tmp_path, monkeypatch):
-    import search.study
+    import search.trial
 
-    monkeypatch.setattr(search.study, "check_agreement", lambda *args, **kwargs: 0.02)
+    monkeypatch.setattr(search.trial, "check_agreement", lambda *args, **kwargs: 0.02)
     run_dir = tmp_path / "run"
     assert main(["run", SMOKE, "--n-trials", "2", "--run-dir", str(run_dir)]) == 0
     trials = finished(run_dir)
@@ -246,17 +223,30 @@ def test_runtime_that_disagrees_with_the_simulation_fails_the_trial(tmp_path, mo
 def test_a_trial_far_below_its_neighbours_after_one_epoch_stops_early(tmp_path, monkeypatch, capsys, early_stop):
     """Every trial is the same 8-bit model fine-tuned for 2 epochs, so trial 0 is no larger
     than any later one; the check then scores each later trial 0 after its first epoch."""
-    import search.study
+    import search.early_stop
+    import search.finalize
 
-    monkeypatch.setattr(search.study, "top1_accuracy", lambda *args, **kwargs: 0.0)
+    for module in (search.early_stop, search.finalize):
+        monkeypatch.setattr(module, "top1_accuracy", lambda *args, **kwargs: 0.0)
     run_dir = tmp_path / "run"
     space = (
         "search_space={quantization.weight_bits: [8], quantization.activation_bits: [32], "
         "distillation.epochs: 2, distillation.lr: 0.01, distillation.alpha: 0.5, distillation.temperature: 2.0}"
     )
-    args = ["run", SMOKE, "--n-trials", "3", "--run-dir", str(run_dir), "--set", space,
-            "--set", "search.objectives=[accuracy, size_bytes]",
-            "--set", f"search.early_stop={str(early_stop).lower()}"]  # fmt: skip
+    args = [
+        "run",
+        SMOKE,
+        "--n-trials",
+        "3",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        space,
+        "--set",
+        "search.objectives=[accuracy, size_bytes]",
+        "--set",
+        f"search.early_stop={str(early_stop).lower()}",
+    ]
     assert main(args) == 0
     trials = finished(run_dir)
     printed = capsys.readouterr().out
@@ -283,7 +273,7 @@ def test_a_trial_far_below_its_neighbours_after_one_epoch_stops_early(tmp_path, 
 @needs_fashion_mnist
 def test_per_layer_search_scans_once_and_records_each_layers_level(tmp_path):
     from strategies.artifact import load_artifact
-    from strategies.quantization import quantized_layers
+    from strategies.base import weight_layers
     from tests.helpers import MODELS
 
     run_dir = tmp_path / "run"
@@ -302,7 +292,7 @@ def test_per_layer_search_scans_once_and_records_each_layers_level(tmp_path):
     for t in trials:
         assert t.params["quantization.mixed_precision"] is True and t.params["pruning.per_layer_sparsity"] is True
         stored = load_artifact(run_dir / "trials" / f"{t.number:04d}" / "weights.acw", MODELS["lenet300"])
-        layers = list(quantized_layers(stored))
+        layers = list(weight_layers(stored))
         # what was recorded is what was deployed
         assert t.user_attrs["quantization.layer_bits"] == " ".join(f"{n}:{int(m.weight_bits)}" for n, m in layers)
         sparsity = " ".join(f"{n}:{float((m.weight == 0).float().mean()):.3f}" for n, m in layers)
@@ -319,8 +309,20 @@ def test_per_layer_search_scans_once_and_records_each_layers_level(tmp_path):
 def test_a_grid_smaller_than_the_budget_ends_the_run_normally(tmp_path):
     run_dir = tmp_path / "run"
     space = "search_space={quantization.weight_bits: [4, 8], quantization.activation_bits: [32]}"
-    args = ["run", SMOKE, "--n-trials", "4", "--run-dir", str(run_dir), "--set", space,
-            "--set", "search.sampler=grid", "--set", "search.anchors=false"]  # fmt: skip
+    args = [
+        "run",
+        SMOKE,
+        "--n-trials",
+        "4",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        space,
+        "--set",
+        "search.sampler=grid",
+        "--set",
+        "search.anchors=false",
+    ]
     assert main(args) == 0
     trials = finished(run_dir)
     assert sorted(t.params["quantization.weight_bits"] for t in trials) == [4, 8]

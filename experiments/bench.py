@@ -22,9 +22,11 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from search.anchors import OFF
+from search.anchors import off_params
 from search.config import Config, load_config, parse_config
-from search.study import prepare, run_search
+from search.loop import run_search
+from search.prepare import prepare
+from search.records import params_of
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ TECHNIQUES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 
 def technique_config(base: Config, model: str, technique: str) -> Config:
     prefixes, fixed = TECHNIQUES[technique]
-    space = {k: v for k, v in base.search_space.items() if k.startswith(prefixes)}
+    space = {k: v.to_yaml() for k, v in base.search_space.items() if k.startswith(prefixes)}
     if "distillation.epochs" in space:
         space["distillation.epochs"] = [0, FINETUNE_EPOCHS]
     space.update(fixed)
@@ -72,8 +74,13 @@ def best_within(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     if not ok:
         return None
     row = max(ok, key=lambda r: r[key])
-    return {"trial": row["trial"], key: row[key], "test_accuracy": row["test_accuracy"],
-            "test_accuracy_drop": row["test_accuracy_drop"], "size_bytes": row.get("size_bytes")}  # fmt: skip
+    return {
+        "trial": row["trial"],
+        key: row[key],
+        "test_accuracy": row["test_accuracy"],
+        "test_accuracy_drop": row["test_accuracy_drop"],
+        "size_bytes": row.get("size_bytes"),
+    }
 
 
 def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -83,15 +90,16 @@ def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["trial"] in chosen]
 
 
-def seed_joint(study: Any, seeds: dict[tuple, str]) -> int:
+def seed_joint(study: Any, strategies: list, seeds: dict[tuple, str]) -> int:
     """Enqueue the single techniques' best parameters into a new joint study. Returns how many
     trials they take (also when resuming, so the joint study's own budget stays n_trials)."""
     seeded = [t for t in study.trials if "seeded_from" in t.user_attrs]
     if seeded or any(t.state.is_finished() and "anchor" not in t.user_attrs for t in study.trials):
         return len(seeded)
+    off = off_params(strategies)
     for params, origin in seeds.items():
         # a technique the single study did not search is off in its seed
-        study.enqueue_trial({**OFF, **dict(params)}, user_attrs={"seeded_from": origin})
+        study.enqueue_trial({**off, **dict(params)}, user_attrs={"seeded_from": origin})
     return len(seeds)
 
 
@@ -114,10 +122,10 @@ def run_bench(
             with prepare(config, out / config.name, progress=progress) as prepared:
                 target = n_trials
                 if technique == "joint":
-                    target += seed_joint(prepared.study, seeds)
+                    target += seed_joint(prepared.study, prepared.strategies, seeds)
                 result = run_search(prepared, target)
             for row in best_rows(result.pareto):
-                params = tuple(sorted((k, v) for k, v in row.items() if "." in k and not k.startswith("mlflow")))
+                params = tuple(sorted(params_of(row).items()))
                 seeds.setdefault(params, f"{technique} trial {row['trial']}")
             b = prepared.baseline
             entry["baseline"] = {

@@ -1,7 +1,10 @@
 """Workloads: a trained baseline with its data splits.
 
-The baseline is trained once and cached on disk under a hash of everything that defines
-its weights, so a second run (or a resumed one) loads it instead of retraining.
+A workload names its model and dataset: a built-in name (``lenet5``, ``fashion-mnist``,
+which stand for import paths into `experiments/`) or an import path
+``package.module:function`` of the user's. The baseline is trained once and cached on disk
+under a hash of everything that defines its weights, so a second run (or a resumed one)
+loads it instead of retraining.
 """
 
 from __future__ import annotations
@@ -22,17 +25,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.data import (
-    DEFAULT_FASHION_MNIST_DIR,
-    Split,
-    fashion_mnist_files,
-    load_fashion_mnist,
-    split_train_val,
-    subset,
-)
-from experiments.models import MODELS
-
 logger = logging.getLogger(__name__)
+
+# Built-in names → the import paths they stand for (resolved like a user's, at run time).
+BUILTIN_MODELS = {"lenet5": "experiments.models:lenet5", "lenet300": "experiments.models:lenet300"}
+BUILTIN_DATASETS = {"fashion-mnist": "experiments.data:load_fashion_mnist"}
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+    """Hold out `val_size` random training samples, deterministically for a given seed."""
+    if not 0 < val_size < len(train):
+        raise ValueError(f"workload.val_size must be between 1 and {len(train) - 1}, got {val_size}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    return Split(train.x[train_idx], train.y[train_idx]), Split(train.x[val_idx], train.y[val_idx])
+
+
+def subset(split: Split, n: int | None, seed: int) -> Split:
+    """A deterministic random subset of `n` samples; None keeps the whole split."""
+    if n is None or n >= len(split):
+        return split
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
+    return Split(split.x[idx], split.y[idx])
 
 
 @dataclass(frozen=True)
@@ -65,7 +88,6 @@ class Workload:
     test: Split
     example_inputs: torch.Tensor  # a batch of one
     fingerprint: str
-    metric: str = "accuracy"
 
 
 def resolve_callable(spec: str, what: str) -> Callable:
@@ -87,14 +109,18 @@ def resolve_callable(spec: str, what: str) -> Callable:
     return target
 
 
-def model_factory(model: str) -> Callable[[], nn.Module]:
-    if model in MODELS:
-        return MODELS[model]
-    if ":" not in model:
+def _builtin_or_path(value: str, builtins: dict[str, str], what: str) -> Callable:
+    if value in builtins:
+        return resolve_callable(builtins[value], what)
+    if ":" not in value:
         raise ValueError(
-            f"workload.model must be one of {sorted(MODELS)} or an import path 'package.module:function', got {model!r}"
+            f"{what} must be one of {sorted(builtins)} or an import path 'package.module:function', got {value!r}"
         )
-    return resolve_callable(model, "workload.model")
+    return resolve_callable(value, what)
+
+
+def model_factory(model: str) -> Callable[[], nn.Module]:
+    return _builtin_or_path(model, BUILTIN_MODELS, "workload.model")
 
 
 def _as_split(value: Any, what: str) -> Split:
@@ -107,15 +133,7 @@ def _as_split(value: Any, what: str) -> Split:
 
 def _load_dataset(dataset: str, data_dir: str | None) -> tuple[Split, Split, str]:
     """(train, test, identity) where identity says what data this was, for the fingerprint."""
-    if dataset == "fashion-mnist":
-        files = fashion_mnist_files(data_dir)
-        train, test = load_fashion_mnist(data_dir)
-        return train, test, json.dumps({p.name: p.stat().st_size for p in files.values()}, sort_keys=True)
-    if ":" not in dataset:
-        raise ValueError(
-            f"workload.dataset must be 'fashion-mnist' or an import path 'package.module:function', got {dataset!r}"
-        )
-    result = resolve_callable(dataset, "workload.dataset")(data_dir)
+    result = _builtin_or_path(dataset, BUILTIN_DATASETS, "workload.dataset")(data_dir)
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise ValueError("workload.dataset must return a (train, test) pair")
     train, test = (_as_split(s, "workload.dataset") for s in result)
@@ -194,6 +212,39 @@ def load_state_dict(path: str | Path, model: nn.Module, what: str) -> None:
         raise ValueError(f"{what}: {path} does not match the model architecture: {error}") from None
 
 
+def _cached_or_trained_(
+    net: nn.Module,
+    fingerprint: str,
+    cache_dir: Path,
+    model: str,
+    data: tuple[Split, Split],
+    recipe: TrainingRecipe,
+    seed: int,
+    progress: Callable[[str], None],
+) -> None:
+    """Load the baseline's cached weights into `net`, or train it and cache them."""
+    path = cache_dir / "baselines" / f"{fingerprint}.pt"
+    if path.exists():
+        progress(f"baseline {model}: loading cached weights {path}")
+        load_state_dict(path, net, "cached baseline")
+        return
+    progress(f"baseline {model}: training {recipe.epochs} epochs on {len(data[0])} samples (cached afterwards)")
+    train_baseline(net, *data, recipe, seed, progress)
+    _save_atomically(net.state_dict(), path)
+
+
+def _fingerprint(net: nn.Module, checkpoint: str | None, **definition: Any) -> str:
+    """A hash of everything that defines the baseline's weights: its cache key."""
+    definition.update(
+        architecture=repr(net),
+        shapes={k: list(v.shape) for k, v in net.state_dict().items()},
+        torch=torch.__version__.split("+")[0],
+    )
+    if checkpoint:
+        definition["checkpoint"] = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def build_workload(
     model: str,
     dataset: str = "fashion-mnist",
@@ -218,57 +269,38 @@ def build_workload(
     progress = progress or logger.info
     recipe = training if isinstance(training, TrainingRecipe) else TrainingRecipe(**(training or {}))
     factory = model_factory(model)
+    torch.manual_seed(seed)  # the initial weights, so that a baseline trained afresh is the same one
     net = factory()
     if not isinstance(net, nn.Module):
         raise ValueError(f"workload.model: {model!r} returned {type(net).__name__}, not a torch.nn.Module")
 
     full_train, test, data_identity = _load_dataset(dataset, data_dir)
     train, val = split_train_val(full_train, val_size, split_seed)
-    train = subset(train, train_subset, split_seed)
-    val = subset(val, val_subset, split_seed)
-    test = subset(test, test_subset, split_seed)
+    train, val, test = (
+        subset(s, n, split_seed) for s, n in ((train, train_subset), (val, val_subset), (test, test_subset))
+    )
     example_inputs = train.x[:1].clone()
 
-    definition = {
-        "model": model,
-        "architecture": repr(net),
-        "shapes": {k: list(v.shape) for k, v in net.state_dict().items()},
-        "dataset": dataset,
-        "data": data_identity,
-        "val_size": val_size,
-        "split_seed": split_seed,
-        "train_subset": train_subset,
-        "recipe": dataclasses.asdict(recipe),
-        "seed": seed,
-        "torch": torch.__version__.split("+")[0],
-    }
     if checkpoint:
         load_state_dict(checkpoint, net, "workload.checkpoint")
     if inputs_checked:
         inputs_checked()
-    if checkpoint:
-        definition["checkpoint"] = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
-        fingerprint = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
-    else:
-        fingerprint = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
-        path = (cache_dir or cache_dir_default()) / "baselines" / f"{fingerprint}.pt"
-        if path.exists():
-            progress(f"baseline {model}: loading cached weights {path}")
-            load_state_dict(path, net, "cached baseline")
-        else:
-            progress(f"baseline {model}: training {recipe.epochs} epochs on {len(train)} samples (cached afterwards)")
-            train_baseline(net, train, val, recipe, seed, progress)
-            _save_atomically(net.state_dict(), path)
+    fingerprint = _fingerprint(
+        net,
+        checkpoint,
+        model=model,
+        dataset=dataset,
+        data=data_identity,
+        val_size=val_size,
+        split_seed=split_seed,
+        train_subset=train_subset,
+        recipe=dataclasses.asdict(recipe),
+        seed=seed,
+    )
+    if not checkpoint:
+        _cached_or_trained_(
+            net, fingerprint, cache_dir or cache_dir_default(), model, (train, val), recipe, seed, progress
+        )
     net.eval()
-    name = model if model in MODELS else model.rsplit(":", 1)[-1]
+    name = model.rsplit(":", 1)[-1]
     return Workload(name, net, factory, train, val, test, example_inputs, fingerprint)
-
-
-__all__ = [
-    "DEFAULT_FASHION_MNIST_DIR",
-    "TrainingRecipe",
-    "Workload",
-    "build_workload",
-    "evaluate_accuracy",
-    "resolve_callable",
-]

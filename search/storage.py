@@ -1,17 +1,17 @@
-"""What keeps a long search whole: storage, locks, interrupts, time limits, recovery.
+"""What keeps a shared study whole: storage, locks, heartbeats and recovery.
 
 One process or many (``--workers N`` on one machine, ``autocompress worker`` on others)
-share a study. Four rules make that safe:
+share a study. Three rules make that safe:
 
 - Trials are handed out under a study-wide lock, after counting what is finished or still
   running, so N workers stop at exactly the target number of trials.
-- SIGINT and SIGTERM raise ``KeyboardInterrupt`` in the main thread: the running trial is
-  marked FAIL "interrupted" and its MLflow run KILLED, and the process exits non-zero.
 - A process killed outright leaves its trial RUNNING. The next start finds it: with a run
   directory's journal, ``run`` holds the directory's lock, so every RUNNING trial it sees is
   an orphan; with a database, workers beat a heartbeat and Optuna fails the stale ones.
   Recovery then closes their MLflow runs and retries each interrupted trial's parameters once.
-- A per-trial time limit (SIGALRM) turns a trial that runs too long into a failed one.
+- Interrupts end the running trial as FAIL "interrupted" (`search.signals`).
+
+Optuna's private storage API (``study._storage``, ``trial._trial_id``) is used here only.
 """
 
 from __future__ import annotations
@@ -19,31 +19,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
-import signal
-import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from search.config import ConfigError
-from strategies.base import CompressionError
+from objectives.registry import get_objective
+from search.config import Config, ConfigError
+from search.rundir import JOURNAL, differing
+from search.signals import INTERRUPTED
 
 logger = logging.getLogger(__name__)
 
-INTERRUPTED = "interrupted"
-JOURNAL = "optuna.journal"
 HEARTBEAT_SECONDS = 20
 GRACE_SECONDS = 120  # a database trial with no heartbeat for this long is an orphan
-
-
-class TrialTimeout(CompressionError):
-    """The trial ran past `search.trial_timeout`."""
 
 
 # ------------------------------------------------------------------- storage
@@ -134,62 +127,6 @@ def study_lock(study: optuna.Study, run_dir: Path) -> Iterator[None]:
                 connection.execute(text("SELECT RELEASE_LOCK('autocompress')"))
 
 
-# ---------------------------------------------------------- signals and limits
-
-
-_signalled: list[str] = []
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    _signalled.append(signal.Signals(signum).name)
-    raise KeyboardInterrupt(_signalled[-1])
-
-
-def handle_termination() -> None:
-    """Make SIGINT and SIGTERM both end the running trial the same way, even when the shell
-    started us with SIGINT ignored (a background job of a script)."""
-    signal.signal(signal.SIGINT, _raise_interrupt)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    sys.unraisablehook = _quiet_interrupts(sys.unraisablehook)
-
-
-def _quiet_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
-    """An interrupt raised inside a finalizer cannot propagate; Python would print it as
-    "Exception ignored". It is recorded instead, and `check_interrupted` raises it again."""
-
-    def unraisable(info: Any) -> None:
-        if not isinstance(info.exc_value, KeyboardInterrupt):
-            hook(info)
-
-    return unraisable
-
-
-def check_interrupted() -> None:
-    """Raise again a signal whose KeyboardInterrupt a library swallowed (one raised inside a
-    finalizer is only printed), so an interrupted trial never counts as finished."""
-    if _signalled:
-        raise KeyboardInterrupt(_signalled[-1])
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise TrialTimeout in the main thread once `seconds` have passed (0: no limit)."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum: int, frame: Any) -> None:
-        raise TrialTimeout(f"time limit: the trial ran longer than search.trial_timeout = {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @contextlib.contextmanager
 def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     """Beat the trial's heartbeat while it runs, where the storage keeps heartbeats."""
@@ -248,11 +185,37 @@ def recover(study: optuna.Study, tracker: Any, local: bool) -> list[int]:
     if queued or closed:
         logger.info(
             "recovered from an interrupted run: %d MLflow runs closed as KILLED, trials %s queued again",
-            closed, queued,
-        )  # fmt: skip
+            closed,
+            queued,
+        )
     return queued
 
 
-def worker_threads(workers: int) -> int:
-    """Training threads per worker, so N workers share the cores instead of oversubscribing them."""
-    return max(1, (os.cpu_count() or 1) // workers)
+def open_study(
+    run_dir: Path, config: Config, storage: optuna.storages.BaseStorage | None = None, create: bool = True
+) -> optuna.Study:
+    """The study in `storage` (a shared database), or else in the run directory's journal."""
+    storage = storage or open_storage(run_dir, None)
+    if not create:
+        try:
+            return optuna.load_study(study_name=config.name, storage=storage)
+        except KeyError:
+            raise ConfigError(
+                f"no study named {config.name!r} in its storage; start it with autocompress run first"
+            ) from None
+    directions = [get_objective(name).direction for name in config.search.objectives]
+    return optuna.create_study(storage=storage, study_name=config.name, directions=directions, load_if_exists=True)
+
+
+def check_study_config(study: optuna.Study, config: Config) -> None:
+    """A study keeps the config that created it; a process with another one may not join."""
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        study.set_user_attr("config", config.identity())
+    elif changed := differing(stored, config):
+        raise ConfigError(f"study {config.name!r} was created by a different config (differs in {changed})")
+
+
+def frozen(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """The stored record of a trial just told, without copying every trial of the study."""
+    return study._storage.get_trial(trial._trial_id)

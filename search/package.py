@@ -1,4 +1,4 @@
-"""Deployable packages: a trial's ONNX model, its packed weights and what was measured.
+"""Deployable packages, and the recommended one in MLflow's Model Registry.
 
 A package directory holds
 
@@ -6,33 +6,43 @@ A package directory holds
 - ``weights.acw``: the packed weights file, exactly the trial's ``size_bytes`` long,
 - ``model.json``: the model spec to rebuild from the weights, the trial's parameters and
   its measured figures.
+
+`register` puts the recommended trial's package in the registry, with a state dict as
+numpy's .npz (never a pickle).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from optuna.trial import TrialState
 from torch import nn
 
-from experiments.workloads import model_factory
+from search import rundir
 from search.config import ConfigError
-from search.study import load_run_config, open_study, trial_params
+from search.records import numbers_of, trial_params
+from search.report import FINAL_COLUMNS
+from search.storage import open_study
+from search.workload import model_factory
 from strategies.artifact import load_artifact
 from strategies.runtime import ARTIFACT_NAME, ONNX_NAME
 
 PACKAGE_VERSION = 1
 SPEC_NAME = "model.json"
+STATE_DICT_FILE = "state_dict.npz"
 
 
 def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
     """Write the package of one COMPLETE trial to `out` (which must not hold files yet)."""
     run_dir, out = Path(run_dir), Path(out)
-    config = load_run_config(run_dir)
-    study = open_study(run_dir, config)
+    config = rundir.load_run_config(run_dir)
+    study = open_study(run_dir, config, create=False)
     complete = {t.number: t for t in study.trials if t.state == TrialState.COMPLETE}
     if trial_number not in complete:
         raise ConfigError(
@@ -41,7 +51,7 @@ def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not an empty directory; choose a new one")
     trial = complete[trial_number]
-    source = run_dir / "trials" / f"{trial_number:04d}"
+    source = rundir.trial_dir(run_dir, trial_number)
     out.mkdir(parents=True, exist_ok=True)
     for name in (ARTIFACT_NAME, ONNX_NAME):
         if (source / name).exists():
@@ -52,9 +62,7 @@ def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
         "trial": trial_number,
         "model": config.workload.model,
         "params": trial_params(trial),
-        "metrics": {
-            k: v for k, v in trial.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        },
+        "metrics": numbers_of(trial.user_attrs),
         "finalist": _finalist_figures(run_dir, trial_number),
         "config": config.identity(),
     }
@@ -63,9 +71,7 @@ def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
 
 
 def _finalist_figures(run_dir: Path, trial_number: int) -> dict[str, Any]:
-    import csv
-
-    path = run_dir / "finalists.csv"
+    path = run_dir / rundir.FINALISTS_FILE
     if not path.exists():
         return {}
     with open(path) as f:
@@ -84,3 +90,20 @@ def load_package(path: Path) -> nn.Module:
             f"{path} is package version {spec.get('package_version')}, this reader knows {PACKAGE_VERSION}"
         )
     return load_artifact(path / ARTIFACT_NAME, model_factory(spec["model"]))
+
+
+def register(run_dir: Path, tracker: Any, model_name: str) -> int | None:
+    """Register the recommended trial's package (ONNX, packed weights, state dict) under
+    `model_name`, with its figures as tags. Returns the model version, or None."""
+    summary = rundir.read_summary(run_dir)
+    row = summary["recommended"]
+    if row is None or not row.get("mlflow_run_id"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        package = export_trial(run_dir, int(row["trial"]), Path(tmp) / "model")
+        state = {k: v.detach().cpu().numpy() for k, v in load_package(package).state_dict().items()}
+        np.savez(package / STATE_DICT_FILE, **state)
+        figures = {k: row[k] for k in FINAL_COLUMNS if k in row}
+        return tracker.register_model(
+            model_name, row["mlflow_run_id"], package, {"trial": row["trial"], "rule": summary["rule"], **figures}
+        )

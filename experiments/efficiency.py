@@ -16,14 +16,22 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import optuna
 
 from objectives.registry import get_objective
 from search import front
+from search.anchors import enqueue_anchors
 from search.config import Config, load_config, parse_config
+from search.loop import run_trials
+from search.prepare import prepare
+from search.samplers import make_sampler, resolve_sampler
+from strategies import pipeline
+from strategies.registry import build_strategies
 
 logger = logging.getLogger(__name__)
 
-TABLE_PATH = Path(__file__).resolve().parent.parent / "experiments" / "efficiency_lenet300.json"
+HERE = Path(__file__).resolve().parent
+TABLE_PATH = HERE / "efficiency_lenet300.json"
 
 # The grid: every valid combination is evaluated once. Distillation settings other than the
 # epochs are fixed, so a fine-tuned point differs from an untuned one only in that choice.
@@ -39,19 +47,16 @@ GRID: dict[str, list[Any]] = {
 }
 
 
-def grid_configs() -> list[dict[str, Any]]:
-    """Every valid point of GRID; conditional parameters appear only where they are used."""
-    configs = []
+def grid_configs(strategies: list | None = None) -> list[dict[str, Any]]:
+    """Every distinct point of GRID as the strategies ask for it: each product of values is
+    offered to their `suggest`, and a conditional parameter appears only where it was asked."""
+    strategies = strategies or build_strategies(table_config(HERE).search_space)
+    configs: list[dict[str, Any]] = []
     for values in itertools.product(*GRID.values()):
-        params = dict(zip(GRID, values))
-        if params["quantization.weight_bits"] == 32:
-            if params["quantization.activation_bits"] != 32:
-                continue
-            del params["quantization.activation_bits"]
-        if params["distillation.epochs"] == 0:
-            for key in ("distillation.temperature", "distillation.alpha", "distillation.lr"):
-                del params[key]
-        configs.append(params)
+        trial = optuna.trial.FixedTrial(dict(zip(GRID, values, strict=False)))
+        pipeline.suggest(strategies, trial)
+        if trial.params not in configs:
+            configs.append(trial.params)
     return configs
 
 
@@ -77,11 +82,9 @@ def build_table(
     progress: Callable[[str], None] = logger.info,
 ) -> dict[str, Any]:
     """Evaluate every grid point (resumable: the study lives in `run_dir`) and write the table."""
-    from search.study import prepare, run_trials
-
     config = table_config(experiments_dir, experiment)
     configs = grid_configs()
-    with prepare(config, run_dir, progress=progress) as prepared:
+    with prepare(config, run_dir, progress=progress) as prepared, prepared.tracker.closing(prepared.parent_run_id):
         study = prepared.study
         if not study.trials:
             for params in configs:
@@ -94,7 +97,6 @@ def build_table(
             )
 
         run_trials(prepared, len(configs), on_trial)
-        prepared.tracker.end(prepared.parent_run_id, "FINISHED")
         rows = []
         for t in study.trials:
             row = {"params": t.params, "state": t.state.name}
@@ -119,14 +121,12 @@ def build_table(
 
 # ---------------------------------------------------------------------- replay
 
-BASELINE_SAMPLER = "random"
-
 
 class Table:
     """The shipped table: look a configuration up after snapping it to the grid.
 
     Hypervolumes are measured against the `reference` point: ``box`` is the search's own
-    (front.REFERENCE: at most 10 points less accurate, smaller than the baseline, at most 1.5x
+    (front.reference_point: at most 10 points less accurate, smaller than the baseline, at most 1.5x
     its latency); ``nadir`` is the worst value of each objective over every evaluated
     configuration, so that every configuration adds to the volume.
     """
@@ -143,7 +143,7 @@ class Table:
             raise ValueError(f"reference must be 'box' or 'nadir', got {reference!r}")
         self.reference = None if reference == "box" else points.max(axis=0)
         dominated = [bool(np.any(np.all(points <= p, axis=1) & np.any(points < p, axis=1))) for p in points]
-        self.front = {i for i, d in zip(self.complete, dominated) if not d}
+        self.front = {i for i, d in zip(self.complete, dominated, strict=False) if not d}
         self.exhaustive_hv = self.hypervolume(self.complete)
 
     @classmethod
@@ -170,13 +170,7 @@ OBJECTIVES = ("accuracy", "size_bytes", "latency_ms")
 
 def replay(table: Table, sampler: str, seed: int, n_trials: int, anchors: bool = True) -> list[int]:
     """Run one study of `sampler` against the table; the table rows it evaluated, in order."""
-    import optuna
-
-    from search.anchors import enqueue_anchors
-    from search.study import make_sampler
-    from strategies import pipeline
-
-    strategies = pipeline.build_strategies(table_config(TABLE_PATH.parent).search_space)
+    strategies = build_strategies(table_config(HERE).search_space)
     directions = [get_objective(name).direction for name in OBJECTIVES]
     study = optuna.create_study(directions=directions, sampler=make_sampler(sampler, seed, n_trials, strategies))
     if anchors:
@@ -198,8 +192,6 @@ def replay(table: Table, sampler: str, seed: int, n_trials: int, anchors: bool =
 def _replay_job(job: tuple) -> tuple[tuple, list[int]]:
     import warnings
 
-    import optuna
-
     import torch
 
     torch.set_num_threads(1)  # one process per core
@@ -214,9 +206,9 @@ REFERENCES = ("nadir", "box")
 
 def _sampler(name: str, n_trials: int) -> str:
     """The sampler an entry runs at a budget: ``auto`` resolves by it; ``random-plain`` is random."""
-    from search.study import resolve_sampler
-
     return resolve_sampler(name.replace("-plain", ""), n_trials)
+
+
 TARGET = {"budget": 50, "hv_ratio": 0.99, "p": 0.05}  # the default sampler's, against random search
 
 
@@ -257,10 +249,11 @@ def run_efficiency(
             )
         )
     runs = {
-        name: {n: [done[(str(table_path), _sampler(name, n), seed, anchors)][:n] for seed in range(seeds)]
-               for n in budgets}
+        name: {
+            n: [done[(str(table_path), _sampler(name, n), seed, anchors)][:n] for seed in range(seeds)] for n in budgets
+        }
         for name, anchors in entries
-    }  # fmt: skip
+    }
     return {
         "table": str(table_path.name),
         "configurations": len(table.rows),
@@ -324,8 +317,9 @@ def markdown(results: dict[str, Any]) -> str:
             "| --- |" + " --- | --- |" * len(budgets),
         ]
         for name, per_budget in samplers.items():
-            cells = [f"{per_budget[n]['hv_ratio_median']:.4f} | {per_budget[n]['pareto_share_median']:.0%}"
-                     for n in budgets]  # fmt: skip
+            cells = [
+                f"{per_budget[n]['hv_ratio_median']:.4f} | {per_budget[n]['pareto_share_median']:.0%}" for n in budgets
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
         for n, figures in samplers.get("auto", {}).items():
@@ -341,8 +335,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    # python -m search.efficiency [RUN_DIR [EXPERIMENT OUT]]: rebuild the shipped table (~4 min),
-    # or build one for another experiment of experiments/ over the same grid.
+    # python -m experiments.efficiency [RUN_DIR [EXPERIMENT OUT]]: rebuild the shipped table
+    # (~4 min), or build one for another experiment of experiments/ over the same grid.
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
