@@ -266,3 +266,22 @@ def test_nothing_feasible_is_said_with_the_closest_candidates(tmp_path, capsys):
     violations = [r["violation"] for r in summary["closest"]]
     assert violations == sorted(violations) and violations[0] > 0
     assert "No trial meets the constraints" in (run_dir / "report.html").read_text()
+
+
+# The README's sampler table (10 seeds on the shipped LeNet-300-100 table): the replay is
+# deterministic, so any change to the samplers, the anchors or the search space shows here.
+README_MEDIANS = {
+    ("nadir", "auto"): {"20": 0.987936, "50": 0.993339, "100": 0.995884},
+    ("nadir", "random-plain"): {"20": 0.945890, "50": 0.962294, "100": 0.977429},
+    ("box", "auto"): {"20": 0.909516, "50": 0.970973, "100": 0.982469},
+    ("box", "random-plain"): {"20": 0.781547, "50": 0.821997, "100": 0.881502},
+}
+
+
+def test_the_efficiency_replay_reproduces_the_readme_figures():
+    from experiments.efficiency import run_efficiency
+
+    results = run_efficiency(TABLE_PATH, ["auto", "random-plain"], seeds=10, budgets=[20, 50, 100])
+    for (reference, sampler), medians in README_MEDIANS.items():
+        figures = results["references"][reference]["samplers"][sampler]
+        assert {n: round(figures[n]["hv_ratio_median"], 6) for n in medians} == medians
