@@ -62,6 +62,11 @@ class SearchSection:
     # and no slower, it stops there as PRUNED (search.early_stop).
     early_stop: bool = True
     early_stop_margin: float = 0.02
+    # The finishing stage (search.finalize): the recommended configuration is built again with
+    # a fine-tune of this many epochs before it is scored on test (0: off); with
+    # finish_front, every Pareto finalist is.
+    finish_epochs: int = 0
+    finish_front: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,7 @@ def _validate(config: Config) -> None:
     ]:
         _positive(key, value)
     _positive("search.n_trials", s.n_trials, 0)
+    _positive("search.finish_epochs", s.finish_epochs, 0)
     if not 0.0 <= s.max_runtime_disagreement <= 1.0:
         raise ConfigError(f"search.max_runtime_disagreement must be in [0, 1], got {s.max_runtime_disagreement}")
     if not 0.0 <= s.early_stop_margin <= 1.0:

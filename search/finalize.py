@@ -1,25 +1,34 @@
 """The finalists: every Pareto trial rebuilt from its packed file, timed again alone and
 longer, scored once on the untouched test split; then the tables, summary, report and registry.
 
-Pareto membership was decided on the search objectives only; nothing here feeds back into the
-search.
+The finishing stage (`search.finish_epochs`): the recommended configuration (with
+`search.finish_front`, every finalist) is built again from the baseline with a longer
+fine-tune, and scored the same way; its figures carry the prefix ``finished_``. It replaces the
+trial's own model in the package and the registry when its validation accuracy is at least as
+high. Pareto membership and the pick were decided on the search objectives only; nothing here
+feeds back into the search, and nothing is decided on test.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optuna.trial import TrialState
+import torch
+from optuna.trial import FixedTrial, TrialState
 
 from objectives.accuracy import top1_accuracy
 from search import front, package, records, report, rundir
 from search.prepare import Prepared, deploy
+from search.trial import TRIAL_FAILURES, runtime_disagreement
+from strategies import pipeline
 from strategies.artifact import load_artifact
-from strategies.runtime import ARTIFACT_NAME
+from strategies.runtime import ARTIFACT_NAME, Deployable
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +46,8 @@ class SearchResult:
     registered_model: str | None = None  # "name/version" in the MLflow Model Registry
 
 
-def _final_figures(p: Prepared, row: dict[str, Any], baseline_test: float) -> dict[str, float]:
-    """One finalist rebuilt from its artifact: val and test accuracy, and its noisy figures again."""
-    trial_dir = rundir.trial_dir(p.run_dir, row["trial"])
-    model = load_artifact(trial_dir / ARTIFACT_NAME, p.workload.factory)
-    deployable = deploy(p.config, p.workload, model, trial_dir / "final")
+def _scored(p: Prepared, deployable: Deployable, baseline_test: float) -> dict[str, float]:
+    """A deployed finalist's val and test accuracy, and its noisy figures measured again, longer."""
     test = p.workload.test
     figures = {
         "val_accuracy": top1_accuracy(deployable.predict, p.workload.val.x, p.workload.val.y),
@@ -53,6 +59,14 @@ def _final_figures(p: Prepared, row: dict[str, Any], baseline_test: float) -> di
     for objective in p.reported:
         if objective.final_repeat:
             figures.update({f"final_{k}": v for k, v in objective.measure(deployable, context).items()})
+    return figures
+
+
+def _final_figures(p: Prepared, row: dict[str, Any], baseline_test: float) -> dict[str, float]:
+    """One finalist rebuilt from its artifact and scored."""
+    trial_dir = rundir.trial_dir(p.run_dir, row["trial"])
+    model = load_artifact(trial_dir / ARTIFACT_NAME, p.workload.factory)
+    figures = _scored(p, deploy(p.config, p.workload, model, trial_dir / "final"), baseline_test)
     if figures["val_accuracy"] != row.get("accuracy", figures["val_accuracy"]):
         logger.warning(
             "trial %d rebuilt from its artifact scores %.4f on val, not %.4f",
@@ -63,24 +77,60 @@ def _final_figures(p: Prepared, row: dict[str, Any], baseline_test: float) -> di
     return figures
 
 
-def finalize(p: Prepared, pareto: list[dict[str, Any]]) -> dict[str, float]:
-    """Re-measure every Pareto row (updated in place); returns the baseline's test figures."""
+def _finished_figures(p: Prepared, row: dict[str, Any], baseline_test: float) -> dict[str, Any]:
+    """The finishing stage for one finalist: its configuration built again from the baseline
+    with a fine-tune of `search.finish_epochs` epochs, deployed, checked and scored."""
+    epochs = p.config.search.finish_epochs
+    trial = next(t for t in p.study.trials if t.number == row["trial"])
+    configs = pipeline.suggest(p.strategies, FixedTrial(trial.params))
+    if "distillation" not in configs:
+        return {"finish_reason": "the search space has no distillation fine-tune to lengthen"}
+    configs["distillation"] = dataclasses.replace(configs["distillation"], epochs=epochs)
+    torch.manual_seed(p.config.seed + trial.number)
+    try:
+        model, _ = pipeline.compress(copy.deepcopy(p.workload.model), p.strategies, configs, p.context)
+        deployable = deploy(p.config, p.workload, model, rundir.finished_dir(p.run_dir, trial.number))
+        runtime_disagreement(p, model, deployable)
+    except TRIAL_FAILURES as error:  # the finalist keeps its own model and figures
+        return {"finish_reason": f"{type(error).__name__}: {error}"}
+    figures = _scored(p, deployable, baseline_test)
+    figures["size_bytes"] = float(os.path.getsize(deployable.artifact_path))
+    if "size_bytes" in p.baseline:
+        figures["compression_ratio"] = p.baseline["size_bytes"] / figures["size_bytes"]
+    return {"finished_epochs": epochs, **{f"finished_{k}": v for k, v in figures.items()}}
+
+
+def finalize(p: Prepared, pareto: list[dict[str, Any]], finish: set[int] = frozenset()) -> dict[str, float]:
+    """Re-measure every Pareto row (updated in place), and put the rows of `finish` through the
+    finishing stage; returns the baseline's test figures."""
     test = p.workload.test
     baseline = {"baseline_test_accuracy": top1_accuracy(p.baseline_deployable.predict, test.x, test.y)}
     for row in pareto:
         figures = _final_figures(p, row, baseline["baseline_test_accuracy"])
+        if row["trial"] in finish:
+            figures.update(_finished_figures(p, row, baseline["baseline_test_accuracy"]))
         row.update(figures)
         if row.get("mlflow_run_id"):
-            p.tracker.log(row["mlflow_run_id"], metrics=figures)
+            p.tracker.log(row["mlflow_run_id"], metrics=records.numbers_of(figures))
         logger.info(
-            "finalist trial %d: val %.4f, test %.4f, %.3f ms (%.2fx)",
+            "finalist trial %d: val %.4f, test %.4f, %.3f ms (%.2fx)%s",
             row["trial"],
             figures["val_accuracy"],
             figures["test_accuracy"],
             figures.get("final_latency_ms", float("nan")),
             figures.get("final_speedup", float("nan")),
+            _finish_note(figures),
         )
     return baseline
+
+
+def _finish_note(figures: dict[str, Any]) -> str:
+    if "finished_val_accuracy" in figures:
+        return (
+            f"; finished with {figures['finished_epochs']} epochs: val {figures['finished_val_accuracy']:.4f}, "
+            f"test {figures['finished_test_accuracy']:.4f}"
+        )
+    return f"; not finished: {figures['finish_reason']}" if "finish_reason" in figures else ""
 
 
 def _tag_front(p: Prepared, pareto: list[dict[str, Any]]) -> None:
@@ -91,12 +141,23 @@ def _tag_front(p: Prepared, pareto: list[dict[str, Any]]) -> None:
             p.tracker.set_tag(run_id, "pareto", str(t.number in on_front).lower())
 
 
+def _to_finish(p: Prepared, pareto: list[dict[str, Any]], recommended: dict[str, Any] | None) -> set[int]:
+    """The trials the finishing stage lengthens: none, the pick, or the whole front."""
+    if not p.config.search.finish_epochs:
+        return set()
+    if p.config.search.finish_front:
+        return {r["trial"] for r in pareto}
+    return {recommended["trial"]} if recommended is not None else set()
+
+
 def summarize(p: Prepared) -> SearchResult:
     """Finalists, tables, recommendation, summary, report and registry, once the trials are done."""
     rows = records.trial_rows(p.study, p.baseline)
     pareto = [r for r in rows if r["pareto"]]
+    objectives = p.config.search.objectives
+    recommended, rule = front.recommend(pareto, p.baseline, objectives, p.config.constraints.max_accuracy_drop)
     if pareto:
-        final_baseline = finalize(p, pareto)
+        final_baseline = finalize(p, pareto, _to_finish(p, pareto, recommended))
         p.baseline.update(final_baseline)
         p.tracker.log(p.parent_run_id, metrics=final_baseline)
     _tag_front(p, pareto)
@@ -104,8 +165,6 @@ def summarize(p: Prepared) -> SearchResult:
     if pareto:
         p.tracker.log_artifact(p.parent_run_id, report.write_table(pareto, p.run_dir / rundir.FINALISTS_FILE))
     p.tracker.log_artifact(p.parent_run_id, table)
-    objectives = p.config.search.objectives
-    recommended, rule = front.recommend(pareto, p.baseline, objectives, p.config.constraints.max_accuracy_drop)
     tags = {"pareto_trials": ",".join(str(r["trial"]) for r in pareto), "recommendation_rule": rule}
     if recommended is not None:
         tags["recommended_trial"] = recommended["trial"]

@@ -51,7 +51,10 @@ def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not an empty directory; choose a new one")
     trial = complete[trial_number]
+    finalist = _finalist_figures(run_dir, trial_number)
     source = rundir.trial_dir(run_dir, trial_number)
+    if finished_is_better(finalist):  # the finishing stage's longer fine-tune, chosen on val
+        source = rundir.finished_dir(run_dir, trial_number)
     out.mkdir(parents=True, exist_ok=True)
     for name in (ARTIFACT_NAME, ONNX_NAME):
         if (source / name).exists():
@@ -63,7 +66,8 @@ def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
         "model": config.workload.model,
         "params": trial_params(trial),
         "metrics": numbers_of(trial.user_attrs),
-        "finalist": _finalist_figures(run_dir, trial_number),
+        "finalist": finalist,
+        "finished": finished_is_better(finalist),
         "config": config.identity(),
     }
     (out / SPEC_NAME).write_text(json.dumps(spec, indent=2, sort_keys=True))
@@ -77,8 +81,15 @@ def _finalist_figures(run_dir: Path, trial_number: int) -> dict[str, Any]:
     with open(path) as f:
         for row in csv.DictReader(f):
             if row.get("trial") == str(trial_number):
-                return {k: float(v) for k, v in row.items() if k.startswith(("final_", "test_", "val_")) and v}
+                prefixes = ("final_", "test_", "val_", "finished_")
+                return {k: float(v) for k, v in row.items() if k.startswith(prefixes) and v}
     return {}
+
+
+def finished_is_better(row: dict[str, Any]) -> bool:
+    """Whether a finalist's finishing stage gave a model at least as accurate on val as its own."""
+    finished = row.get("finished_val_accuracy")
+    return finished is not None and finished >= row.get("val_accuracy", float("inf"))
 
 
 def load_package(path: Path) -> nn.Module:
@@ -103,7 +114,7 @@ def register(run_dir: Path, tracker: Any, model_name: str) -> int | None:
         package = export_trial(run_dir, int(row["trial"]), Path(tmp) / "model")
         state = {k: v.detach().cpu().numpy() for k, v in load_package(package).state_dict().items()}
         np.savez(package / STATE_DICT_FILE, **state)
-        figures = {k: row[k] for k in FINAL_COLUMNS if k in row}
-        return tracker.register_model(
-            model_name, row["mlflow_run_id"], package, {"trial": row["trial"], "rule": summary["rule"], **figures}
-        )
+        prefix = "finished_" if finished_is_better(row) else ""  # the package holds that model
+        figures = {k: row[prefix + k] for k in FINAL_COLUMNS if prefix + k in row}
+        tags = {"trial": row["trial"], "rule": summary["rule"], "finished": bool(prefix), **figures}
+        return tracker.register_model(model_name, row["mlflow_run_id"], package, tags)

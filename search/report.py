@@ -46,7 +46,20 @@ HEADERS = {
     "final_latency_spread": "spread",
     "final_latency_p90_ms_b64": "p90_b64",
     "final_latency_spread_b64": "spread_b64",
+    "finished_epochs": "epochs",
+    "finished_val_accuracy": "finished val_acc",
+    "finished_test_accuracy": "finished test_acc",
+    "finished_size_bytes": "finished size",
 }
+FINISH_COLUMNS = (
+    "finished_epochs",
+    "val_accuracy",
+    "finished_val_accuracy",
+    "test_accuracy",
+    "finished_test_accuracy",
+    "size_bytes",
+    "finished_size_bytes",
+)
 
 
 def param_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -124,7 +137,7 @@ def write_plot(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
 def fmt(key: str, value: Any) -> str:
     if value is None or value == "":
         return "-"
-    if key == "size_bytes":
+    if key.endswith("size_bytes"):
         return f"{value / 1024:.1f} kB"
     if "latency_ms" in key or "p90_ms" in key:
         return f"{value:.3f} ms"
@@ -186,10 +199,26 @@ def result_text(config: Any, result: Any) -> str:
     if result.recommended is not None:
         add(f"recommended: trial {result.recommended['trial']}, {result.rule}")
         add(f"  {_describe(result.recommended)}")
+        if finishing := _finishing(result.recommended):
+            add(f"  {finishing}")
         if result.registered_model:
             add(f"  registered in the MLflow Model Registry as {result.registered_model}")
         add("")
     return "\n".join(lines)
+
+
+def _finishing(row: Mapping[str, Any]) -> str:
+    """What the finishing stage did to a finalist, in one line ("" when it did not run)."""
+    if "finish_reason" in row:
+        return f"not finished: {row['finish_reason']}"
+    if "finished_val_accuracy" not in row:
+        return ""
+    shipped = "the finished model" if row["finished_val_accuracy"] >= row["val_accuracy"] else "its own model"
+    return (
+        f"finished with a {row['finished_epochs']}-epoch fine-tune: val {row['val_accuracy']:.4f} -> "
+        f"{row['finished_val_accuracy']:.4f}, test {row['test_accuracy']:.4f} -> {row['finished_test_accuracy']:.4f}, "
+        f"{row['finished_size_bytes'] / 1024:.1f} kB; the package holds {shipped} (chosen on val)"
+    )
 
 
 def _describe(row: Mapping[str, Any]) -> str:
@@ -284,6 +313,14 @@ def _front_html(summary: Mapping[str, Any], plot: str) -> str:
     return "<p>No trial completed, so there is no front.</p>"
 
 
+def _finishing_html(summary: Mapping[str, Any]) -> str:
+    rows = [r for r in summary["pareto"] if "finished_val_accuracy" in r or "finish_reason" in r]
+    if not rows:
+        return ""
+    notes = "".join(f"<li>trial {r['trial']}: {html.escape(_finishing(r))}</li>" for r in rows)
+    return "<h2>Finishing stage</h2>" + _table(rows, ["trial", *FINISH_COLUMNS]) + f"<ul>{notes}</ul>"
+
+
 def _failures_html(failures: Mapping[str, list[tuple[int, str]]]) -> str:
     """Trials that failed or stopped early, grouped by the kind of reason."""
     if not failures:
@@ -320,6 +357,7 @@ def write_report(run_dir: Path, study: optuna.Study) -> Path:
         _recommendation_html(summary),
         "<h2>Pareto front</h2>",
         _front_html(summary, plot),
+        _finishing_html(summary),
         "<h2>Failures by reason</h2>",
         _failures_html(failures_by_reason(study.trials)),
         "<h2>Hypervolume</h2>",

@@ -31,12 +31,24 @@ def trial_dir(run_dir: Path, number: int) -> Path:
     return Path(run_dir) / "trials" / f"{number:04d}"
 
 
+def finished_dir(run_dir: Path, number: int) -> Path:
+    """Where the finishing stage keeps trial `number`'s longer fine-tuned model."""
+    return trial_dir(run_dir, number) / "finished"
+
+
 def baseline_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "baseline"
 
 
 def differing(stored: dict[str, Any], config: Config) -> list[str]:
-    """The top-level config sections in which `stored` differs from `config`'s identity."""
+    """The top-level config sections in which `stored` differs from `config`'s identity.
+
+    `stored` is read through today's parser first, so a key added since it was written
+    counts as its default value, not as a difference."""
+    try:
+        stored = parse_config(stored).identity()
+    except ConfigError:  # a config this version no longer reads: compare it as it is
+        pass
     identity = config.identity()
     return sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
 

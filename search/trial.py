@@ -70,8 +70,9 @@ def _build(
     return model, deploy(p.config, p.workload, model, trial_dir(p.run_dir, trial.number))
 
 
-def _disagreement(p: Prepared, model: torch.nn.Module, deployable: Deployable) -> float:
-    """The share of validation samples on which the runtime and the simulation disagree."""
+def runtime_disagreement(p: Prepared, model: torch.nn.Module, deployable: Deployable) -> float:
+    """The share of validation samples on which the runtime and the simulation disagree;
+    RuntimeMismatch past the configured limit."""
     if deployable.onnx_path is None:
         return 0.0
     disagreement = check_agreement(deployable.predict, lambda x: batched(model, x), p.workload.val.x)
@@ -90,7 +91,7 @@ def _evaluate(p: Prepared, trial: optuna.Trial, run_id: str) -> dict[str, float]
     p.tracker.log(run_id, params=trial.params)
     with signals.time_limit(p.config.search.trial_timeout):
         model, deployable = _build(p, trial, configs, run_id)
-        disagreement = _disagreement(p, model, deployable)
+        disagreement = runtime_disagreement(p, model, deployable)
         metrics = measure(deployable, p.measured, p.eval_context, p.workload.example_inputs)
         for objective in p.measured:
             metrics.update(objective.derived(metrics, p.baseline))
