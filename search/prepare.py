@@ -31,6 +31,7 @@ from search.config import Config, ConfigError, SearchSection
 from search.samplers import make_sampler
 from search.tracking import Tracker
 from search.workload import Workload, build_workload
+from strategies.artifact import size_breakdown
 from strategies.base import Context, Strategy
 from strategies.registry import build_strategies
 from strategies.runtime import Deployable, materialize
@@ -93,12 +94,14 @@ def deploy(config: Config, workload: Workload, model: torch.nn.Module, out_dir: 
 def measure(
     deployable: Deployable, objectives: Sequence[Objective], eval_context: EvalContext, example: torch.Tensor
 ) -> dict[str, float]:
-    """Every objective's figures on the deployed model, with its parameter and MAC counts."""
+    """Every objective's figures on the deployed model, with its parameter and MAC counts and
+    where the bytes of its packed file go (``size_codes_bytes``, ``size_indices_bytes``, ...)."""
     metrics: dict[str, float] = {}
     for objective in objectives:
         metrics.update(objective.measure(deployable, eval_context))
     metrics["params"] = float(count_params(deployable.model))
     metrics["macs"] = float(count_macs(deployable.model, example))
+    metrics.update({f"size_{part}_bytes": float(n) for part, n in size_breakdown(deployable.artifact_path).items()})
     return metrics
 
 

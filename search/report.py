@@ -50,6 +50,7 @@ HEADERS = {
     "finished_val_accuracy": "finished val_acc",
     "finished_test_accuracy": "finished test_acc",
     "finished_size_bytes": "finished size",
+    **{f"size_{part}_bytes": part for part in ("codes", "indices", "scales", "raw", "header")},
 }
 FINISH_COLUMNS = (
     "finished_epochs",
@@ -137,7 +138,7 @@ def write_plot(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
 def fmt(key: str, value: Any) -> str:
     if value is None or value == "":
         return "-"
-    if key.endswith("size_bytes"):
+    if key.endswith("_bytes"):
         return f"{value / 1024:.1f} kB"
     if "latency_ms" in key or "p90_ms" in key:
         return f"{value:.3f} ms"
@@ -302,7 +303,9 @@ def _front_html(summary: Mapping[str, Any], plot: str) -> str:
     if pareto:
         keys = ["trial", *param_columns(pareto), "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio"]
         keys += sorted(k for k in pareto[0] if k.startswith(("final_latency", "final_speedup")))
-        return plot + _table(pareto, keys)
+        parts = [k for k in HEADERS if k.startswith("size_") and k in pareto[0]]
+        where = "<p>Where the bytes of each packed file go:</p>" + _table(pareto, ["trial", "size_bytes", *parts])
+        return plot + _table(pareto, keys) + (where if parts else "")
     if closest:
         keys = ["trial", *param_columns(closest), "accuracy", "accuracy_drop", "size_bytes", "latency_ms"]
         return (

@@ -4,32 +4,32 @@ Layout (little-endian)::
 
     b"ACWF" | uint16 version | uint32 header length | zlib(JSON header) | payload
 
-The JSON header holds:
+Each tensor takes whichever layout (where its stored elements are) and encoding (what they are)
+is smallest for it, entropy-coded where that pays:
 
-- ``tensors``: every state-dict tensor in order, as ``{name, shape, dtype, encoding, layout,
-  offset, length}`` (+ ``bits`` for codes); offset/length index the payload.
-- ``identity``: modules that are nn.Identity in the saved model (the folded BatchNorms).
-- ``conv_groups``: each convolution's groups, which structured pruning may change.
+    dense      every element, no index
+    bitmap     a presence bit per element (np.packbits)
+    bernoulli  the presence bits entropy-coded as independent, P(present) = nnz / size
+    gaps       the zeros before each element (Deep Compression's relative indices), entropy-coded
+               with `index_table`; the symbol `escape` skips that many zeros and stores nothing
+    packed     a quantized weight's b-bit codes + 2^(b-1)-1, bit-packed MSB first; the weight
+               is codes × the per-channel scales of the tensor `<layer>.weight_scale`
+    ans        those unsigned codes entropy-coded with `table`
+    raw        the tensor's bytes in its own dtype
+    palette    at most 256 distinct floats (a codebook layer's weights), sorted, raw, then each
+               element's index into them entropy-coded with `table`
+    planes     float bytes as byte planes (a weight's sign-and-exponent byte holds a few bits),
+               each plain or entropy-coded: `planes` lists [length] or [length, table] of each
+    zlib       the packed or raw bytes, raw deflate: the general-purpose baseline
 
-Encodings:
-
-- ``raw``: the tensor's bytes in its own dtype (biases, BN parameters and statistics,
-  unquantized weights, scales and activation qparams).
-- ``codes``: a quantized weight as b-bit codes, offset to unsigned (code + 2^(b-1)-1) and
-  bit-packed, most significant bit first: b bits per weight, not a byte. Its per-channel
-  scales are the ``raw`` tensor ``<layer>.weight_scale``; the weight is codes × scale.
-
-Layouts, chosen per tensor by whichever is smaller:
-
-- ``dense``: every element.
-- ``sparse``: a 1-bit-per-element presence bitmap (np.packbits, MSB first) followed by only
-  the non-zero elements in the tensor's encoding. -0.0 counts as zero and reloads as +0.0,
-  which computes the same: pruning by multiplying with a mask leaves -0.0 behind for every
-  negative weight, and storing those would make half the pruned weights cost full price.
-
-The loader rebuilds the model from the workload's factory: folded BNs become nn.Identity,
-layers are resized to the stored shapes (structured pruning made them smaller), and the
-quantization buffers and input fake-quant are restored. Outputs are bit-identical.
+The JSON header holds ``tensors`` (each state-dict tensor in order: ``name, shape, dtype, layout,
+encoding``, its [index, values] byte ``lengths``, ``bits`` if quantized, ``nnz`` unless dense, the
+coders' parameters), ``identity`` (folded BatchNorms), ``conv_groups`` and the payload's ``crc32``.
+-0.0 is stored as +0.0, which computes the same (a mask product leaves -0.0 for negative weights).
+Entropy coding is constriction's ANS coder (32-bit little-endian words) with a categorical model
+built from a table ``[lo, count(lo), count(lo + 1), ...]`` of integer counts, so writer and reader
+build the same one; comparing candidates, a table counts at its compressed JSON size. Version 1
+files (``raw``/``codes`` in ``dense``/``sparse``) still load; outputs reload bit-identical.
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import constriction
 import numpy as np
 import torch
 from torch import nn
 
+from strategies.codebook import CODEBOOK
 from strategies.fold import set_submodule_
 from strategies.quantization import (
     QUANT_BUFFERS,
@@ -61,11 +63,14 @@ from strategies.quantization import (
 logger = logging.getLogger(__name__)
 
 MAGIC = b"ACWF"
-VERSION = 1
+VERSION = 2
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
+_ESCAPES = (16, 64, 256)  # the longest zero runs the gaps layout tries coding as one symbol
+_MAX_PALETTE = 256  # beyond this many distinct values a palette's table outweighs its gain
+_SCALES = {"weight_scale", "input_scale", "input_zero_point", CODEBOOK}  # size_breakdown's "scales"
 
-
-# ------------------------------------------------------------------ bit packing
+Candidate = tuple[int, dict, bytes]  # its cost in bytes, its header fields, its bytes
+_cost = lambda candidate: candidate[0]
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
@@ -81,26 +86,106 @@ def unpack_codes(data: bytes, count: int, bits: int) -> np.ndarray:
     return (unsigned - qmax(bits)).astype(np.int32)
 
 
-def _present(values: np.ndarray) -> np.ndarray:
-    return values != 0
+def _model(table: list[int] | float):
+    """The categorical model of a table, or the Bernoulli one of P(1)."""
+    if isinstance(table, float):
+        return constriction.stream.model.Bernoulli(table, perfect=False)
+    return constriction.stream.model.Categorical(np.asarray(table[1:], dtype=np.float64), perfect=False)
 
 
-def _pack(values: np.ndarray, encode: Callable[[np.ndarray], bytes]) -> tuple[str, bytes]:
-    dense = encode(values)
-    present = _present(values)
-    if present.all():
-        return "dense", dense
-    sparse = np.packbits(present).tobytes() + encode(values[present])
-    return ("sparse", sparse) if len(sparse) < len(dense) else ("dense", dense)
+def _ans(symbols: np.ndarray, model) -> bytes:
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(symbols.astype(np.int32), model)
+    return coder.get_compressed().astype("<u4").tobytes()
 
 
-# ------------------------------------------------------------------------ save
+def _unans(data: bytes, model, n: int) -> np.ndarray:
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
+    symbols = coder.decode(model, n)
+    if not coder.is_empty():  # a damaged stream almost never ends in the coder's initial state
+        raise ValueError("an entropy-coded stream does not end where its symbols do")
+    return symbols
+
+
+def _coded(symbols: np.ndarray, key: str = "table") -> Candidate:
+    """Non-negative symbols entropy-coded with a table of their own counts, as ``{key: table}``."""
+    if not symbols.size:
+        return 0, {key: [0, 1]}, b""
+    lo = int(symbols.min())
+    table = [lo, *map(int, np.bincount(symbols - lo))]
+    data = _ans(symbols - lo, _model(table)) if len(table) > 2 else b""  # a single symbol says nothing
+    return len(data) + len(zlib.compress(json.dumps(table).encode(), 9)), {key: table}, data
+
+
+def _uncoded(table: list[int], data: bytes, n: int) -> np.ndarray:
+    if len(table) == 2 and not data:
+        return np.full(n, int(table[0]), dtype=np.int64)
+    return _unans(data, _model(table), n).astype(np.int64) + int(table[0])
+
+
+def _index(present: np.ndarray) -> Candidate:
+    """The cheapest way to say which elements are non-zero (some are not)."""
+    size, nnz = present.size, int(present.sum())
+    bitmap, bernoulli = np.packbits(present).tobytes(), _ans(present, _model(nnz / size))
+    options = [(len(bitmap), {"layout": "bitmap"}, bitmap), (len(bernoulli), {"layout": "bernoulli"}, bernoulli)]
+    gaps = np.diff(np.flatnonzero(present), prepend=-1) - 1  # the zeros before each element
+    for escape in _ESCAPES if nnz else ():
+        skips = gaps // escape
+        symbols = np.full(int(skips.sum()) + nnz, escape, dtype=np.int64)
+        symbols[np.cumsum(skips + 1) - 1] = gaps % escape
+        cost, coder, data = _coded(symbols, "index_table")
+        options.append((cost, {"layout": "gaps", "escape": escape, "symbols": len(symbols), **coder}, data))
+    cost, fields, data = min(options, key=_cost)
+    return cost, {**fields, "nnz": nnz}, data
+
+
+def _float_options(values: np.ndarray) -> list[Candidate]:
+    options = []
+    sample = values[:: max(1, values.size // 4096)]  # most float tensors fail this cheaper test
+    if len(np.unique(sample)) <= _MAX_PALETTE and len(palette := np.unique(values)) <= _MAX_PALETTE:
+        cost, coder, data = _coded(np.searchsorted(palette, values))
+        fields = {"encoding": "palette", "palette": len(palette), **coder}
+        options.append((cost + palette.nbytes, fields, palette.tobytes() + data))
+    planes = np.frombuffer(values.tobytes(), dtype=np.uint8).reshape(-1, values.itemsize).T
+    parts = [min(_coded(plane), (plane.size, {}, plane.tobytes()), key=_cost) for plane in planes]
+    listed = [[len(data), *coder.values()] for _, coder, data in parts]
+    options.append((sum(map(_cost, parts)), {"encoding": "planes", "planes": listed}, b"".join(p[2] for p in parts)))
+    return options
+
+
+def _encoding(values: np.ndarray, bits: int | None) -> Candidate:
+    """The cheapest encoding of the stored elements: signed codes if `bits`, else raw values."""
+    plain = values.tobytes() if bits is None else pack_codes(values, bits)
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw; level 9 is 10x slower on zero runs for nothing
+    squeezed = deflate.compress(plain) + deflate.flush()
+    options = [(len(plain), {"encoding": "raw" if bits is None else "packed"}, plain)]
+    options.append((len(squeezed), {"encoding": "zlib"}, squeezed))
+    if bits is not None:
+        cost, coder, data = _coded(values.astype(np.int64) + qmax(bits))
+        options.append((cost, {"encoding": "ans", **coder}, data))
+    elif values.dtype.kind == "f" and values.size:
+        options += _float_options(values)
+    return min(options, key=_cost)
+
+
+def _encode_tensor(flat: np.ndarray, bits: int | None = None) -> tuple[dict, bytes, bytes]:
+    """(header fields, index bytes, value bytes) of the cheapest layout and encoding."""
+    present = flat != 0
+    flat = np.where(present, flat, np.zeros_like(flat))  # -0.0 is stored as +0.0
+    cost, fields, values = _encoding(flat, bits)
+    best = cost, {"layout": "dense", **fields}, b"", values
+    if not present.all():
+        index_cost, index_fields, index = _index(present)
+        cost, fields, values = _encoding(flat[present], bits)
+        if index_cost + cost < best[0]:
+            best = index_cost + cost, {**index_fields, **fields}, index, values
+    return best[1:]
 
 
 def encode_model(model: nn.Module) -> bytes:
     """The artifact's bytes for `model` (see the module docstring for the layout)."""
     modules = dict(model.named_modules())
-    entries, chunks, offset = [], [], 0
+    entries, chunks = [], []
     for name, tensor in model.state_dict().items():
         layer, _, attr = name.rpartition(".")
         if attr == WIDTH_BUFFER:
@@ -108,24 +193,19 @@ def encode_model(model: nn.Module) -> bytes:
         tensor = tensor.detach().cpu().contiguous()
         entry: dict = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
         state = quant_state(modules[layer]) if attr == "weight" else None
-        if state is not None:
-            codes = state.codes.cpu().numpy().ravel()
-            layout, data = _pack(codes, lambda v, b=state.bits: pack_codes(v, b))
-            entry.update(encoding="codes", bits=state.bits)
-        else:
-            layout, data = _pack(tensor.numpy().ravel(), lambda v: v.tobytes())
-            entry.update(encoding="raw")
-        entry.update(layout=layout, offset=offset, length=len(data))
-        entries.append(entry)
-        chunks.append(data)
-        offset += len(data)
+        bits = {} if state is None else {"bits": state.bits}
+        fields, index, values = _encode_tensor((tensor if state is None else state.codes.cpu()).numpy().ravel(), **bits)
+        entries.append({**entry, **bits, **fields, "lengths": [len(index), len(values)]})
+        chunks += [index, values]
+    payload = b"".join(chunks)
     header = {
         "tensors": entries,
         "identity": [name for name, m in modules.items() if name and isinstance(m, nn.Identity)],
         "conv_groups": {name: m.groups for name, m in modules.items() if isinstance(m, nn.modules.conv._ConvNd)},
+        "crc32": zlib.crc32(payload),
     }
     packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    return _PREFIX.pack(MAGIC, VERSION, len(packed)) + packed + b"".join(chunks)
+    return _PREFIX.pack(MAGIC, VERSION, len(packed)) + packed + payload
 
 
 def save_artifact(model: nn.Module, path: str | Path) -> int:
@@ -146,62 +226,114 @@ def save_artifact(model: nn.Module, path: str | Path) -> int:
     return size
 
 
-# ------------------------------------------------------------------------ load
+def _positions(entry: dict, index: bytes, size: int) -> np.ndarray | None:
+    """Which elements are stored: None for all of them, else a boolean mask."""
+    layout = entry["layout"]
+    if layout == "dense":
+        return None
+    if layout == "bitmap":
+        return np.unpackbits(np.frombuffer(index, np.uint8), count=size) > 0
+    nnz = int(entry["nnz"])
+    if layout == "bernoulli":
+        return _unans(index, _model(nnz / size), size) > 0
+    if layout != "gaps":
+        raise ValueError(f"unknown layout {layout!r}")
+    escape, symbols = int(entry["escape"]), _uncoded(entry["index_table"], index, int(entry["symbols"]))
+    stored = (np.cumsum(np.where(symbols == escape, escape, symbols + 1)) - 1)[symbols != escape]
+    if len(stored) != nnz or (nnz and not (0 <= stored.min() and np.all(np.diff(stored) > 0) and stored[-1] < size)):
+        raise ValueError(f"the gaps do not place {nnz} elements in order within {size}")
+    present = np.zeros(size, dtype=bool)
+    present[stored] = True
+    return present
 
 
-def _parse(data: bytes, path: Path) -> tuple[dict, memoryview]:
+def _decode(entry: dict, index: bytes, data: bytes) -> np.ndarray:
+    size, bits, dtype = math.prod(entry["shape"]), entry.get("bits"), np.dtype(entry["dtype"])
+    if (present := _positions(entry, index, size)) is not None:
+        full = np.zeros(size, dtype=np.int32 if bits else dtype)
+        full[present] = _values(entry, data, int(present.sum()))
+        return full.reshape(entry["shape"])
+    return _values(entry, data, size).reshape(entry["shape"])
+
+
+def _values(entry: dict, data: bytes, n: int) -> np.ndarray:
+    encoding, bits, dtype = entry["encoding"], entry.get("bits"), np.dtype(entry["dtype"])
+    if encoding == "zlib":
+        encoding, data = ("raw" if bits is None else "packed"), zlib.decompress(data, -15)
+    if (encoding in ("packed", "ans")) != (bits is not None):
+        raise ValueError(f"encoding {encoding!r} cannot hold {f'{bits}-bit codes' if bits else entry['dtype']}")
+    if encoding == "packed":
+        return unpack_codes(data, n, bits)
+    if encoding == "ans":
+        return (_uncoded(entry["table"], data, n) - qmax(bits)).astype(np.int32)
+    if encoding == "raw":
+        return np.frombuffer(data, dtype=dtype).copy()
+    if encoding == "palette":
+        split = int(entry["palette"]) * dtype.itemsize
+        return np.frombuffer(data[:split], dtype=dtype)[_uncoded(entry["table"], data[split:], n)]
+    if encoding != "planes":
+        raise ValueError(f"unknown encoding {encoding!r}")
+    planes, ends = [], np.cumsum([0] + [int(plane[0]) for plane in entry["planes"]])
+    for (_, *table), start, end in zip(entry["planes"], ends, ends[1:], strict=False):
+        planes.append(_uncoded(table[0], data[start:end], n) if table else np.frombuffer(data[start:end], np.uint8))
+    return np.stack(planes, axis=1).astype(np.uint8).view(dtype).ravel()
+
+
+def _as_v2(entry: dict) -> dict:
+    """A version-1 entry in version 2's terms: its bitmap is the index part of its bytes."""
+    split = (math.prod(entry["shape"]) + 7) // 8 if entry["layout"] == "sparse" else 0
+    names = {key: {"sparse": "bitmap", "codes": "packed"}.get(entry[key], entry[key]) for key in ("layout", "encoding")}
+    return {**entry, **names, "lengths": [split, int(entry["length"]) - split]}
+
+
+def _parse(data: bytes, path: Path) -> tuple[dict, list[tuple[dict, bytes, bytes]]]:
+    """The header as stored, and each tensor's entry in version 2's terms with its two parts."""
     if len(data) < _PREFIX.size or data[:4] != MAGIC:
         raise ValueError(f"{path} is not an autocompress weights file (bad magic)")
     _, version, length = _PREFIX.unpack_from(data)
-    if version != VERSION:
-        raise ValueError(f"{path} has format version {version}; this reader knows version {VERSION}")
-    start = _PREFIX.size + length
+    if version not in (1, VERSION):
+        raise ValueError(f"{path} has format version {version}; this reader knows versions 1 and {VERSION}")
+    payload = data[_PREFIX.size + length :]
     try:
-        header = json.loads(zlib.decompress(data[_PREFIX.size : start]))
-    except (zlib.error, ValueError) as error:
-        raise ValueError(f"{path} is truncated or has a corrupt header: {error}") from None
-    payload = memoryview(data)[start:]
-    try:
-        expected = sum(int(entry["length"]) for entry in header["tensors"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path} has a malformed header: {type(error).__name__}: {error}") from None
-    if len(payload) != expected:
-        raise ValueError(f"{path} is truncated or has trailing bytes: {len(payload)} payload bytes, not {expected}")
-    return header, payload
+        header = json.loads(zlib.decompress(data[_PREFIX.size : _PREFIX.size + length]))
+        entries = [entry if version == VERSION else _as_v2(entry) for entry in header["tensors"]]
+        lengths = [int(n) for entry in entries for n in entry["lengths"]]
+        if len(lengths) != 2 * len(entries) or min(lengths, default=0) < 0:
+            raise ValueError("a tensor's lengths are not two non-negative numbers")
+        bounds = np.cumsum([0, *lengths]).tolist()
+        checksum = header["crc32"] if version == VERSION else zlib.crc32(payload)
+    except (zlib.error, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is truncated or has a corrupt header: {type(error).__name__}: {error}") from None
+    if len(payload) != bounds[-1]:
+        raise ValueError(f"{path} is truncated or has trailing bytes: {len(payload)} payload bytes, not {bounds[-1]}")
+    if checksum != zlib.crc32(payload):
+        raise ValueError(f"{path} is corrupt: its payload does not match its crc32")
+    parts = [payload[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return header, [(entry, parts[2 * i], parts[2 * i + 1]) for i, entry in enumerate(entries)]
 
 
 def read_header(path: str | Path) -> dict:
-    """The JSON header of an artifact (the tensor table, identity modules, conv groups)."""
+    """The JSON header of an artifact as stored (the tensor table, identity modules, conv groups)."""
     path = Path(path)
     return _parse(path.read_bytes(), path)[0]
 
 
-def _stored_bytes(entry: dict, n: int) -> int:
-    if entry["encoding"] == "codes":
-        return (n * entry["bits"] + 7) // 8
-    return n * np.dtype(entry["dtype"]).itemsize
-
-
-def _values(entry: dict, data: bytes, n: int) -> np.ndarray:
-    if entry["encoding"] == "codes":
-        return unpack_codes(data, n, entry["bits"])
-    return np.frombuffer(data, dtype=np.dtype(entry["dtype"]), count=n).copy()
-
-
-def _decode(entry: dict, blob: bytes) -> np.ndarray:
-    count = math.prod(entry["shape"])
-    if entry["layout"] == "dense":
-        mask_bytes, present = 0, np.ones(count, dtype=bool)
-    else:
-        mask_bytes = (count + 7) // 8
-        present = np.unpackbits(np.frombuffer(blob[:mask_bytes], dtype=np.uint8), count=count).astype(bool)
-    n = int(present.sum())
-    expected = mask_bytes + _stored_bytes(entry, n)
-    if len(blob) != expected:
-        raise ValueError(f"tensor {entry['name']} has {len(blob)} bytes, expected {expected}")
-    values = np.zeros(count, dtype=np.int32 if entry["encoding"] == "codes" else np.dtype(entry["dtype"]))
-    values[present] = _values(entry, blob[mask_bytes:], n)
-    return values.reshape(entry["shape"])
+def size_breakdown(path: str | Path) -> dict[str, int]:
+    """Bytes per part of an artifact, from its header, summing to its length: ``codes`` (quantized or
+    codebook weights' symbols), ``indices`` (where the non-zeros are), ``scales`` (weight scales,
+    codebooks, activation qparams), ``raw`` (biases, float weights, BN statistics) and ``header``."""
+    path = Path(path)
+    data = path.read_bytes()
+    _, tensors = _parse(data, path)
+    clustered = {e["name"].rpartition(".")[0] for e, _, _ in tensors if e["name"].endswith(f".{CODEBOOK}")}
+    sizes = dict.fromkeys(("codes", "indices", "scales", "raw"), 0)
+    for entry, index, values in tensors:
+        layer, _, attr = entry["name"].rpartition(".")
+        coded = "bits" in entry or (attr == "weight" and layer in clustered)
+        kind = "scales" if attr in _SCALES else "codes" if coded else "raw"
+        sizes["scales" if kind == "scales" else "indices"] += len(index)
+        sizes[kind] += len(values)
+    return {**sizes, "header": len(data) - sum(sizes.values())}
 
 
 def _set_tensor_(module: nn.Module, attr: str, value: torch.Tensor) -> None:
@@ -209,7 +341,7 @@ def _set_tensor_(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     if attr in module._parameters:
         old = module._parameters[attr]
         module._parameters[attr] = nn.Parameter(value, requires_grad=True if old is None else old.requires_grad)
-    elif attr in module._buffers or attr in QUANT_BUFFERS:
+    elif attr in module._buffers or attr in QUANT_BUFFERS or attr == CODEBOOK:
         module.register_buffer(attr, value)
     else:
         raise AttributeError(f"{type(module).__name__} has no parameter or buffer {attr!r}")
@@ -229,28 +361,23 @@ def _fix_sizes_(module: nn.Module, groups: int | None) -> None:
 
 
 def load_artifact(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Module:
-    """Rebuild the saved model on `factory()`'s architecture, in eval mode.
-
-    Raises ValueError for a truncated or foreign file, or one the factory's model cannot hold.
-    """
+    """Rebuild the saved model on `factory()`'s architecture, in eval mode; ValueError for a truncated,
+    corrupt or foreign file, or one the factory's model cannot hold."""
     path = Path(path)
-    header, payload = _parse(path.read_bytes(), path)
+    header, tensors = _parse(path.read_bytes(), path)
+    try:
+        values = {entry["name"]: torch.from_numpy(_decode(entry, index, data)) for entry, index, data in tensors}
+    except (ValueError, KeyError, TypeError, IndexError, zlib.error) as error:
+        raise ValueError(f"{path} is corrupt: {type(error).__name__}: {error}") from None
     model = factory()
     try:
         for name in header["identity"]:
             set_submodule_(model, name, nn.Identity())
         modules = dict(model.named_modules())
-        values = {}
-        for entry in header["tensors"]:
-            blob = bytes(payload[entry["offset"] : entry["offset"] + entry["length"]])
-            try:
-                values[entry["name"]] = torch.from_numpy(_decode(entry, blob))
-            except ValueError as error:
-                raise ValueError(f"{path} is corrupt: {error}") from None
-        for entry in header["tensors"]:
+        for entry, _, _ in tensors:
             layer, _, attr = entry["name"].rpartition(".")
             module, value = modules[layer], values[entry["name"]]
-            if entry["encoding"] == "codes":
+            if "bits" in entry:
                 _set_tensor_(module, attr, torch.zeros(value.shape))
                 set_weight_quantization_(module, value, values[f"{layer}.weight_scale"], entry["bits"])
             elif attr == "input_scale":  # registers both qparams and the fake-quant hook
@@ -261,7 +388,7 @@ def load_artifact(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Modu
         raise ValueError(f"{path} does not fit the factory's model: {type(error).__name__}: {error}") from None
     for name, module in model.named_modules():
         _fix_sizes_(module, header["conv_groups"].get(name))
-    stored = {entry["name"] for entry in header["tensors"]}
+    stored = {entry["name"] for entry, _, _ in tensors}
     expected = {key for key in model.state_dict() if not key.endswith(f".{WIDTH_BUFFER}")}
     if stored != expected:
         missing, extra = sorted(expected - stored), sorted(stored - expected)
@@ -269,4 +396,4 @@ def load_artifact(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Modu
     return model.eval()
 
 
-__all__ = ["MAGIC", "VERSION", "encode_model", "load_artifact", "read_header", "save_artifact"]
+__all__ = ["MAGIC", "VERSION", "encode_model", "load_artifact", "read_header", "save_artifact", "size_breakdown"]

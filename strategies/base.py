@@ -75,6 +75,12 @@ class Context:
     # fine-tuning runs inside `with context.fake_quant(model):` so it trains against the
     # quantized weights (straight-through gradients) it will be deployed with.
     fake_quant: Callable[[nn.Module], AbstractContextManager] | None = None
+    # Called by the fine-tune as on_step(model, step, total_steps): with step 0 before its first
+    # update, then after each update (1..total_steps), inside `fake_quant` (so a weight is
+    # parametrized there: change the float Parameter underneath). It may change weights in
+    # place (gradual pruning, through `before_finetune`); it returns True when it changed which
+    # weights are zero, and the fine-tune then holds the new zeros at zero instead.
+    on_step: Callable[[nn.Module, int, int], bool] = field(default=lambda model, step, total_steps: False)
     # Per strategy name, its sensitivity scan when its search space needs one: for each layer
     # and level, how far changing that layer alone moves the model's outputs.
     sensitivity: Mapping[str, Mapping[str, Mapping[float, float]]] = field(default_factory=dict)
@@ -142,13 +148,15 @@ class Strategy(ABC):
         return self.space[key].suggest(trial, key)
 
     def offers(self, key: str) -> bool:
-        """Whether the space can turn on `key`, an option that is off unless listed."""
-        return True in self.space[key].choices
+        """Whether the space can turn on `key`, an option that is off unless listed: whether
+        it holds a choice other than the off value."""
+        param = self.space[key]
+        return any(choice != param.off for choice in param.choices)
 
-    def suggest_option(self, trial: Any, key: str) -> bool:
+    def suggest_option(self, trial: Any, key: str) -> Any:
         """An option that is off unless listed: suggested only where the space can turn it on,
-        so the trials of other search spaces do not record it."""
-        return self._suggest(trial, key) if self.offers(key) else False
+        so the trials of other search spaces do not record it; else its off value."""
+        return self._suggest(trial, key) if self.offers(key) else self.space[key].off
 
     def layer_record(self, model: nn.Module, config: StrategyConfig) -> dict[str, str]:
         """What this config (as `pipeline.compress` resolved it) did to each layer of the

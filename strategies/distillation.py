@@ -1,8 +1,9 @@
 """Knowledge-distillation fine-tuning of the compressed student against the uncompressed teacher.
 
 The teacher's logits on the fine-tune data are computed once per study and passed in, so a
-trial only pays for the student. Weights that pruning zeroed stay exactly zero, and when the
-trial quantizes, training runs against the quantized weights (straight-through gradients).
+trial only pays for the student. Weights that pruning zeroed stay exactly zero (also those a
+step hook, `Context.on_step`, prunes during the fine-tune), and when the trial quantizes,
+training runs against the quantized weights (straight-through gradients).
 """
 
 from __future__ import annotations
@@ -69,10 +70,8 @@ def distillation_loss(
     return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
-def _zero_masks(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [
-        (m.weight, m.weight.detach() != 0) for _, m in weight_layers(model) if not bool((m.weight.detach() != 0).all())
-    ]
+def _zero_masks(weights: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(w, w.detach() != 0) for w in weights if not bool((w.detach() != 0).all())]
 
 
 def distill_(
@@ -87,17 +86,23 @@ def distill_(
     fake_quant: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
     report: Callable[[str], None] = lambda message: None,
     after_epoch: Callable[[nn.Module, int], None] = lambda model, epoch: None,
+    on_step: Callable[[nn.Module, int, int], bool] = lambda model, step, total_steps: False,
 ) -> list[float]:
-    """Fine-tune `model` in place; returns the mean loss of each epoch."""
+    """Fine-tune `model` in place; returns the mean loss of each epoch. `on_step`: Context.on_step."""
     if len(teacher_logits) != len(x):
         raise ValueError(f"teacher_logits has {len(teacher_logits)} rows for {len(x)} samples")
-    masks = _zero_masks(model)  # pruned weights must stay pruned
+    # The weight Parameters themselves: inside `fake_quant`, `module.weight` is computed from them.
+    weights = [m.weight for _, m in weight_layers(model)]
+    masks = _zero_masks(weights)  # pruned weights must stay pruned
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     steps = config.epochs * math.ceil(len(x) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
     generator = torch.Generator().manual_seed(seed)
     history = []
+    step = 0
     with fake_quant(model) if fake_quant else contextlib.nullcontext():
+        if on_step(model, step, steps):
+            masks = _zero_masks(weights)
         for epoch in range(config.epochs):
             model.train()
             order = torch.randperm(len(x), generator=generator)
@@ -114,6 +119,9 @@ def distill_(
                 with torch.no_grad():
                     for weight, mask in masks:
                         weight.masked_fill_(~mask, 0.0)
+                step += 1
+                if on_step(model, step, steps):
+                    masks = _zero_masks(weights)
                 total += loss.item() * len(idx)
             history.append(total / len(x))
             report(f"distillation epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f}")
@@ -180,5 +188,6 @@ class Distillation(Strategy):
             fake_quant=context.fake_quant,
             report=context.report,
             after_epoch=context.after_epoch,
+            on_step=context.on_step,
         )
         return model

@@ -5,8 +5,7 @@ channel and zero-point 0, so zero stays exactly zero (pruned weights stay pruned
 codes map one-to-one onto int8 QDQ weights at deployment. The module's float weight becomes
 exactly `codes * scale`. The scale (`weight_scale`) and bit-width (`weight_bits`) are
 registered buffers, so they travel with copies and state dicts, and the codes are recovered
-exactly as round(weight / scale) by `quant_state`, the one reader of that state that the
-artifact writer and the ONNX writer share.
+exactly as round(weight / scale) by `quant_state`, which the artifact and ONNX writers share.
 
 Activations (optional): the input of every Conv2d/Linear is fake-quantized per tensor to
 uint8 (affine, min/max calibrated) with `torch.fake_quantize_per_tensor_affine`, which
@@ -25,6 +24,9 @@ uncompressed model's outputs (`strategies.sensitivity`); after pruning, the tria
 is spent where it buys the most of that back (`before_finetune`, once pruning is done).
 The per-layer widths travel in the resolved config (`layer_bits`, which `pipeline.compress`
 returns) and, once applied, as each layer's `weight_bits` buffer, which the artifact reads.
+
+Weight sharing (`quantization.scheme: codebook`, when listed): 2^b trained centroids per layer
+instead of a uniform grid, for weights only (`strategies.codebook`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from strategies import sensitivity
+from strategies import codebook, sensitivity
 from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
 from strategies.fold import fold_batchnorm_
 from strategies.space import Anchor, ChoiceParam
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 FLOAT_BITS = 32  # the width that means "not quantized", for weights and activations alike
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8, FLOAT_BITS)
 ACTIVATION_BITS = (8, FLOAT_BITS)
+SCHEMES = ("uniform", "codebook")  # a uniform grid of codes, or a trained codebook per layer
 _INTEGER_BITS = tuple(b for b in WEIGHT_BITS if b != FLOAT_BITS)  # what a layer of mixed precision gets
 # The buffers of a quantized layer: its weights' scale and width, and its input's qparams.
 WIDTH_BUFFER = "weight_bits"
@@ -78,10 +81,15 @@ class QuantizationConfig(StrategyConfig):
     activation_bits: int = FLOAT_BITS
     mixed_precision: bool = False
     layer_bits: tuple[tuple[str, int], ...] = ()
+    scheme: str = "uniform"
 
     def validate(self) -> None:
         _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
         _check_choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"quantization.scheme must be one of {list(SCHEMES)}, got {self.scheme!r}")
+        if self.scheme == "codebook" and self.quantizes_activations:
+            raise ValueError("quantization.scheme codebook quantizes weights only: activation_bits must be 32")
         if not isinstance(self.mixed_precision, bool):
             raise ValueError(f"quantization.mixed_precision must be one of [False, True], got {self.mixed_precision!r}")
         for layer, bits in self.layer_bits:
@@ -299,8 +307,12 @@ class Quantization(Strategy):
         "quantization.weight_bits": ChoiceParam(WEIGHT_BITS, off=FLOAT_BITS),
         "quantization.activation_bits": ChoiceParam(ACTIVATION_BITS, off=FLOAT_BITS),
         "quantization.mixed_precision": ChoiceParam((False, True), off=False),
+        "quantization.scheme": ChoiceParam(SCHEMES, off="uniform"),
     }
-    unlisted_space = {"quantization.mixed_precision": ChoiceParam((False,), off=False)}
+    unlisted_space = {
+        "quantization.mixed_precision": ChoiceParam((False,), off=False),
+        "quantization.scheme": ChoiceParam(("uniform",), off="uniform"),
+    }
     anchors = (
         Anchor("int8", {"quantization.weight_bits": 8, "quantization.activation_bits": 8}, rank=1),
         Anchor("4-bit", {"quantization.weight_bits": 4, "quantization.activation_bits": FLOAT_BITS}, rank=2),
@@ -310,9 +322,10 @@ class Quantization(Strategy):
         bits = self._suggest(trial, "quantization.weight_bits")
         if bits == FLOAT_BITS:  # activations are only searched together with weights
             return QuantizationConfig(weight_bits=FLOAT_BITS, activation_bits=FLOAT_BITS)
-        activations = self._suggest(trial, "quantization.activation_bits")
+        scheme = self.suggest_option(trial, "quantization.scheme")
+        activations = FLOAT_BITS if scheme == "codebook" else self._suggest(trial, "quantization.activation_bits")
         mixed = self.suggest_option(trial, "quantization.mixed_precision")
-        return QuantizationConfig(weight_bits=bits, activation_bits=activations, mixed_precision=mixed)
+        return QuantizationConfig(bits, activations, mixed_precision=mixed, scheme=scheme)
 
     def before_finetune(
         self, model: nn.Module, config: QuantizationConfig, context: Context
@@ -320,7 +333,11 @@ class Quantization(Strategy):
         """Allot the mixed-precision widths to the weights pruning left, and have fine-tuning
         train against the weights it will be deployed with."""
         config = resolve_layer_bits(model, config, context.sensitivity.get(self.name))
-        if config.quantizes_weights:
+        if config.quantizes_weights and config.scheme == "codebook":
+            fold_batchnorm_(model.eval())  # folding after clustering would move weights off the codebook
+            codebook.cluster_model_(model, config.bits_of)
+            context = dataclasses.replace(context, fake_quant=codebook.training_simulation)
+        elif config.quantizes_weights:
             context = dataclasses.replace(context, fake_quant=self.training_simulation(config))
         return config, context
 
@@ -349,7 +366,8 @@ class Quantization(Strategy):
         model.eval()
         fold_batchnorm_(model)
         if config.quantizes_weights:
-            quantize_weights_(model, config.bits_of)
+            share = config.scheme == "codebook"
+            (codebook.share_weights_ if share else quantize_weights_)(model, config.bits_of)
         if config.quantizes_activations:
             calibrate_inputs_(model, context.calibration_x, context.batch_size)
             round_bias_to_accumulator_(model)

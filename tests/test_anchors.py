@@ -21,9 +21,11 @@ def test_every_anchor_is_one_technique_alone_within_the_space():
         "pruning.structured_ratio": 0.0,
         "pruning.unstructured_sparsity": 0.0,
         "pruning.per_layer_sparsity": False,  # one global threshold
+        "pruning.gradual": False,  # pruned at once
         "quantization.weight_bits": 8,
         "quantization.activation_bits": 8,
         "quantization.mixed_precision": False,  # the same width everywhere
+        "quantization.scheme": "uniform",  # a uniform grid, not a codebook
         "distillation.epochs": 0,
     }
     assert anchors["student-half"]["distillation.epochs"] == 2  # the top of the range

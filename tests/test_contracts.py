@@ -13,7 +13,7 @@ from strategies.base import PHASES
 from strategies.registry import build_strategies, parse_space
 from strategies.registry import pipeline as registered
 from strategies.runtime import materialize
-from tests.helpers import context, random_model
+from tests.helpers import context, mlp_bn, random_model
 
 STRATEGIES = registered()
 
@@ -26,7 +26,7 @@ def _full(cls):
 def _model_and_context(strategy):
     """A model and the context a study would build for it: teacher logits, and the
     strategy's sensitivity scan where its space needs one."""
-    model = random_model()
+    model = random_model(mlp_bn)  # small, with a BatchNorm to fold
     ctx = context(n=64)
     with torch.no_grad():
         ctx.teacher_logits = model(ctx.finetune_x)

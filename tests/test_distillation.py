@@ -2,6 +2,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from experiments.data import load_fashion_mnist
 from strategies.base import CompressionError, Context
@@ -75,6 +76,36 @@ def test_quantization_aware_fine_tuning_runs_and_leaves_float_weights():
     # after the context, weights are plain float parameters again (not 4-bit, no parametrization)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
     assert len(torch.unique(model[0].weight[0])) > 16
+
+
+def _pruning_hook(calls, at_step, report):
+    """A step hook that zeroes the first layer's first row (its float weights) at `at_step`."""
+
+    def on_step(model, step, total_steps):
+        calls.append((step, total_steps, parametrize.is_parametrized(model[1], "weight")))
+        if step != at_step:
+            return False
+        with torch.no_grad():
+            prunable_weights(model)[0][1][0].zero_()
+        return report
+
+    return on_step
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "4-bit-aware"])
+def test_the_step_hook_sees_every_update_and_the_zeros_it_reports_stay_zero(quantized):
+    calls = []
+    simulation = Quantization.training_simulation(QuantizationConfig(4, 32)) if quantized else None
+    ctx = context(n=64, batch_size=16, fake_quant=simulation, on_step=_pruning_hook(calls, 3, report=True))
+    ctx.teacher_logits = torch.randn(len(ctx.finetune_x), 10)
+    model = Distillation().apply(trained_like(MODELS["lenet300"]), DistillationConfig(2, 2.0, 0.5, 0.05), ctx)
+    # before the first update, then after each of 2 epochs x 4 updates, inside the simulation
+    assert calls == [(step, 8, quantized) for step in range(9)]
+    assert bool((model[1].weight[0] == 0).all()) and bool((model[1].weight[1] != 0).all())
+    # zeros the hook does not report are not held: the next updates move them again
+    ctx.on_step = _pruning_hook([], 3, report=False)
+    model = Distillation().apply(trained_like(MODELS["lenet300"]), DistillationConfig(2, 2.0, 0.5, 0.05), ctx)
+    assert bool((model[1].weight[0] != 0).any())
 
 
 def test_divergence_is_a_compression_error():

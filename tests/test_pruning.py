@@ -1,8 +1,15 @@
+import dataclasses
+
+import optuna
 import pytest
 import torch
+from optuna.trial import FixedTrial
 
 from objectives.complexity import count_macs, count_params
-from strategies.base import CompressionError, Strategy
+from strategies import pipeline as compression
+from strategies.base import CompressionError, Strategy, StrategyConfig
+from strategies.distillation import Distillation, DistillationConfig, distill_
+from strategies.quantization import Quantization, QuantizationConfig
 from strategies.registry import (
     all_space_keys,
     build_strategies,
@@ -13,7 +20,14 @@ from strategies.registry import (
 )
 from strategies.space import TOP, ChoiceParam, FloatParam, IntParam, parse_param
 from strategies.structured import StructuredPruning, StructuredPruningConfig
-from strategies.unstructured import UnstructuredPruning, UnstructuredPruningConfig, prunable_weights, prune_weights_
+from strategies.unstructured import (
+    RAMP_SHARE,
+    UnstructuredPruning,
+    UnstructuredPruningConfig,
+    prunable_weights,
+    prune_per_layer_,
+    prune_weights_,
+)
 from tests.helpers import MODELS, context, trained_like
 
 
@@ -121,6 +135,138 @@ def test_per_layer_sparsity_spares_the_sensitive_layers_and_keeps_the_overall_sp
         strategy.apply(trained_like(MODELS["lenet5"]), config, context())
     with pytest.raises(ValueError, match=r"pruning.per_layer_sparsity must be one of \[False, True\]"):
         UnstructuredPruningConfig(0.5, per_layer="yes")
+
+
+# ---------------------------------------------------------------------- gradual pruning
+
+
+class StepRecorder(Strategy):
+    """Not a technique: records, through the fine-tune's step hook, which float weights are
+    zero after each step (placed after unstructured pruning, it sees what that hook did)."""
+
+    name = "step_recorder"
+    phase = "finetune"
+    default_space = {"recorder.on": ChoiceParam((True,))}
+
+    def __init__(self):
+        super().__init__()
+        self.zeros = []  # (step, total_steps, each layer's zero mask)
+
+    def suggest(self, trial):
+        return StrategyConfig()
+
+    def is_active(self, config):
+        return False
+
+    def apply(self, model, config, context):
+        return model
+
+    def before_finetune(self, model, config, context):
+        then = context.on_step
+
+        def record(model, step, total_steps):
+            changed = then(model, step, total_steps)
+            self.zeros.append((step, total_steps, [(w == 0).clone() for _, w in prunable_weights(model)]))
+            return changed
+
+        return config, dataclasses.replace(context, on_step=record)
+
+
+GRADUAL_SPACE = {"pruning.per_layer_sparsity": [False, True], "pruning.gradual": [False, True]}
+
+
+def _compressed(sparsity, *, gradual=True, epochs=2, bits=32, per_layer=False, recorder=None):
+    """LeNet-300-100 through pipeline.compress with a distillation fine-tune of `epochs` (8
+    updates each) on a small synthetic context; the model and the context."""
+    model = trained_like(MODELS["lenet300"])
+    ctx = context(n=128, batch_size=16)
+    with torch.no_grad():
+        ctx.teacher_logits = model(ctx.finetune_x)
+    unstructured = UnstructuredPruning(parse_space(GRADUAL_SPACE))
+    if per_layer:
+        ctx.sensitivity = {unstructured.name: unstructured.sensitivity(model, ctx.calibration_x, 16)}
+    strategies = [unstructured, *([recorder] if recorder else []), Distillation(), Quantization()]
+    configs = {
+        unstructured.name: UnstructuredPruningConfig(sparsity, per_layer, gradual),
+        "step_recorder": StrategyConfig(),
+        "distillation": DistillationConfig(epochs, 4.0, 0.7, 3e-3),
+        "quantization": QuantizationConfig(bits, 32),
+    }
+    return compression.compress(model, strategies, configs, ctx)[0], ctx
+
+
+def _zeros(model):
+    return {name: int((w == 0).sum()) for name, w in prunable_weights(model)}
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.97])
+@pytest.mark.parametrize("mode", ["float", "int8-aware", "per-layer"])
+def test_gradual_pruning_reaches_its_target_exactly(sparsity, mode):
+    model, ctx = _compressed(sparsity, bits=8 if mode == "int8-aware" else 32, per_layer=mode == "per-layer")
+    zeros = _zeros(model)
+    if mode == "per-layer":  # each layer at the level the one-shot per-layer prune gives it
+        scan = ctx.sensitivity["unstructured_pruning"]
+        assert zeros == _zeros(prune_per_layer_(trained_like(MODELS["lenet300"]), sparsity, scan))
+    else:
+        total = sum(w.numel() for _, w in prunable_weights(model))
+        assert sum(zeros.values()) == round(sparsity * total)
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_gradual_sparsity_rises_on_the_cubic_schedule_and_what_it_pruned_stays_pruned(bits):
+    recorder = StepRecorder()
+    target = 0.9
+    model, _ = _compressed(target, bits=bits, recorder=recorder)
+    total = sum(w.numel() for _, w in prunable_weights(model))
+    assert [(step, n) for step, n, _ in recorder.zeros] == [(step, 16) for step in range(17)]
+    sparsity = [sum(int(m.sum()) for m in masks) / total for _, _, masks in recorder.zeros]
+    # from the unpruned weights (the one-shot prune put back), up s_f (1 - (1 - t/n)^3) ...
+    end = round(16 * RAMP_SHARE)
+    for step in range(end + 1):
+        assert abs(sparsity[step] - target * (1 - (1 - step / end) ** 3)) <= 1 / total, step
+    # ... to the target, reached by the end of the first of two epochs (where the search's early
+    # check looks) and kept while the rest of the fine-tune recovers
+    assert sparsity[end:] == [round(target * total) / total] * (17 - end)
+    for (_, _, before), (_, _, after) in zip(recorder.zeros[1:], recorder.zeros[2:], strict=False):
+        assert all(bool(now[then].all()) for then, now in zip(before, after, strict=True))
+    final = [w == 0 for _, w in prunable_weights(model)]
+    assert all(torch.equal(a, b) for a, b in zip(final, recorder.zeros[-1][2], strict=True))
+
+
+def test_without_a_fine_tune_gradual_is_the_one_shot_prune_and_off_is_the_one_shot_fine_tune():
+    one_shot = _state(_compressed(0.9, gradual=False, epochs=0)[0])
+    assert _same(_state(_compressed(0.9, epochs=0)[0]), one_shot)
+    # off: the one-shot prune and its fine-tune, byte for byte as without the option
+    model = prune_weights_(trained_like(MODELS["lenet300"]), 0.9)
+    ctx = context(n=128, batch_size=16)
+    with torch.no_grad():
+        logits = trained_like(MODELS["lenet300"])(ctx.finetune_x)
+    distill_(model, ctx.finetune_x, ctx.finetune_y, logits, DistillationConfig(2, 4.0, 0.7, 3e-3), batch_size=16)
+    assert _same(_state(_compressed(0.9, gradual=False)[0]), _state(model))
+    gradual = _compressed(0.9)[0]
+    assert not _same(_state(gradual), _state(model)) and _zeros(gradual) != _zeros(model)
+
+
+def test_gradual_is_searched_only_where_listed_and_where_weights_are_pruned():
+    listed = UnstructuredPruning(parse_space({"pruning.gradual": [False, True]}))
+    on = {"pruning.unstructured_sparsity": 0.9, "pruning.gradual": True}
+    assert listed.suggest(FixedTrial(on)) == UnstructuredPruningConfig(0.9, gradual=True)
+    assert listed.suggest(FixedTrial({"pruning.unstructured_sparsity": 0.0})) == UnstructuredPruningConfig(0.0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        assert not UnstructuredPruning().suggest(trial).gradual and "pruning.gradual" not in trial.params
+        study.tell(trial, 0.0)
+    with pytest.raises(ValueError, match=r"pruning.gradual must be one of \[False, True\]"):
+        UnstructuredPruningConfig(0.5, gradual=1)
 
 
 # ------------------------------------------- every strategy: its search space and the registry

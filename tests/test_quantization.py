@@ -39,7 +39,13 @@ def test_config_errors_name_the_field_and_choices(field, value, valid):
 
 def test_config_is_plain_values_and_says_what_it_quantizes():
     config = QuantizationConfig(4, 8)
-    assert config.to_dict() == {"weight_bits": 4, "activation_bits": 8, "mixed_precision": False, "layer_bits": ()}
+    assert config.to_dict() == {
+        "weight_bits": 4,
+        "activation_bits": 8,
+        "mixed_precision": False,
+        "layer_bits": (),
+        "scheme": "uniform",
+    }
     assert config.quantizes_weights and config.quantizes_activations
     assert not QuantizationConfig().quantizes_weights and not QuantizationConfig(4).quantizes_activations
 

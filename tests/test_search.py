@@ -38,6 +38,9 @@ def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
             child.data.metrics
         )
         assert 0.0 <= child.data.metrics["accuracy"] <= 1.0
+        # where the packed file's bytes go, part by part, adds up to the file
+        parts = [child.data.metrics[f"size_{p}_bytes"] for p in ("codes", "indices", "scales", "raw", "header")]
+        assert sum(parts) == child.data.metrics["size_bytes"]
         # every suggested parameter is logged under its namespaced name
         assert any(k.startswith("quantization.") for k in child.data.params)
     pareto = [c for c in complete if c.data.tags.get("pareto") == "true"]
