@@ -77,7 +77,7 @@ def _final_figures(p: Prepared, row: dict[str, Any], baseline_test: float) -> di
     return figures
 
 
-def _finished_figures(p: Prepared, row: dict[str, Any], baseline_test: float) -> dict[str, Any]:
+def finished_figures(p: Prepared, row: dict[str, Any], baseline_test: float) -> dict[str, Any]:
     """The finishing stage for one finalist: its configuration built again from the baseline
     with a fine-tune of `search.finish_epochs` epochs, deployed, checked and scored."""
     epochs = p.config.search.finish_epochs
@@ -108,7 +108,7 @@ def finalize(p: Prepared, pareto: list[dict[str, Any]], finish: set[int] = froze
     for row in pareto:
         figures = _final_figures(p, row, baseline["baseline_test_accuracy"])
         if row["trial"] in finish:
-            figures.update(_finished_figures(p, row, baseline["baseline_test_accuracy"]))
+            figures.update(finished_figures(p, row, baseline["baseline_test_accuracy"]))
         row.update(figures)
         if row.get("mlflow_run_id"):
             p.tracker.log(row["mlflow_run_id"], metrics=records.numbers_of(figures))

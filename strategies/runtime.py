@@ -74,54 +74,88 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path) -> P
     return path
 
 
-def quantize_onnx_weights_(path: Path, model: nn.Module) -> int:
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI (AVX512-VNNI or AVX-VNNI): 8-bit dot products into int32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni"))
+
+
+def max_signed_weight_bits() -> int:
+    """The widest weight codes that ONNX Runtime may run as signed int8 on this CPU.
+
+    Its u8×s8 kernels are its fast ones (measured on LeNet-5 at batch 64, AVX512-VNNI: 2.1×
+    the float model, against 1.4× for the u8×u8 kernels that zero-point 128 selects). Without
+    VNNI they add pairs of u8×s8 products in 16 bits, which saturates for 8-bit weights
+    (measured under an emulated AVX2 CPU: 1.8 % of LeNet-5's predictions changed); 7-bit codes
+    cannot saturate, which is ONNX Runtime's own answer (its reduce_range). So: 8 with VNNI,
+    7 without, and wider layers keep uint8 codes with zero-point 128.
+    """
+    return 8 if cpu_has_vnni() else 7
+
+
+def quantize_onnx_weights_(path: Path, model: nn.Module, max_signed_bits: int | None = None) -> int:
     """Give ONNX Runtime the trial's integer weights wherever it will run integer kernels.
 
     For layers whose input is quantized, the weight goes into the ONNX file as the trial's
-    codes behind a DequantizeLinear, so ORT fuses QLinearConv/QGemm on exactly those integers
-    and scales (left as float, ORT would quantize the weights itself, differently). The codes
-    are stored as uint8 with zero-point 128, which is the same values: ORT's u8×s8 kernels on
-    CPUs without VNNI saturate 16-bit pair sums (measured here: 2.5 % of predictions changed
-    at 8 bits), its u8×u8 ones do not and ran faster. Weight-only quantized layers keep float
-    weights (exactly codes × scale): a deployment dequantizes them once at load time, so
-    the runtime should not pay a DequantizeLinear on every call. Returns the layers rewritten.
+    codes behind a DequantizeLinear, and the bias as its int32 steps of input_scale ×
+    weight_scale (which the simulation already rounds it to), so ORT fuses QLinearConv/QGemm
+    on exactly those integers (left as float, ORT would quantize the weights itself,
+    differently). Codes up to `max_signed_bits` wide (default: `max_signed_weight_bits()`)
+    are stored as int8, wider ones as uint8 with zero-point 128: the same values either way.
+    Weight-only quantized layers keep float weights (exactly codes × scale), dequantized once
+    at load time rather than on every call. Returns the layers rewritten.
     """
     import onnx
     from onnx import helper, numpy_helper
 
+    signed_bits = max_signed_weight_bits() if max_signed_bits is None else max_signed_bits
     graph_model = onnx.load(str(path))
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
     nodes = []
+
+    def dequantized(name: str, values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> None:
+        graph.initializer.remove(initializers[name])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(values, f"{name}_codes"),
+                numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+                numpy_helper.from_array(zero_point, f"{name}_zero_point"),
+            ]
+        )
+        node = helper.make_node(
+            "DequantizeLinear",
+            [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"],
+            [name],
+            axis=0,
+            name=f"{name}_dequantize",
+        )
+        nodes.append(node)
+
     for name, module in weight_layers(model):
         state = quant_state(module)
         if state is None or state.input_scale is None:
             continue
         if f"{name}.weight" not in initializers:
             raise ExportError(f"the ONNX export has no initializer for {name}.weight to quantize")
-        graph.initializer.remove(initializers[f"{name}.weight"])
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array((state.codes + 128).to(torch.uint8).cpu().numpy(), f"{name}.weight_codes"),
-                numpy_helper.from_array(state.scale.cpu().numpy(), f"{name}.weight_scale"),
-                numpy_helper.from_array(np.full(len(state.scale), 128, dtype=np.uint8), f"{name}.weight_zero_point"),
-            ]
-        )
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{name}.weight_codes", f"{name}.weight_scale", f"{name}.weight_zero_point"],
-                [f"{name}.weight"],
-                axis=0,
-                name=f"{name}.weight_dequantize",
-            )
-        )
+        codes, scale = state.codes.cpu().numpy(), state.scale.cpu().numpy()
+        if state.bits <= signed_bits:
+            dequantized(f"{name}.weight", codes.astype(np.int8), scale, np.zeros(len(scale), np.int8))
+        else:
+            dequantized(f"{name}.weight", (codes + 128).astype(np.uint8), scale, np.full(len(scale), 128, np.uint8))
+        if module.bias is not None and f"{name}.bias" in initializers:
+            step = (state.input_scale * state.scale).cpu().numpy().astype(np.float32)
+            steps = np.round(module.bias.detach().cpu().numpy() / step).astype(np.int32)
+            dequantized(f"{name}.bias", steps, step, np.zeros(len(step), np.int32))
     if nodes:
         for node in reversed(nodes):
             graph.node.insert(0, node)
         _flatten_as_reshape(graph)
         onnx.save(graph_model, str(path))
-    return len(nodes)
+    return sum(node.input[0].endswith(".weight_codes") for node in nodes)
 
 
 def _flatten_as_reshape(graph) -> None:

@@ -15,13 +15,12 @@ from strategies.artifact import (
     VERSION,
     encode_model,
     load_artifact,
-    pack_codes,
     read_header,
     save_artifact,
     size_breakdown,
-    unpack_codes,
 )
 from strategies.base import weight_layers
+from strategies.coding import pack_codes, unpack_codes
 from strategies.quantization import WIDTH_BUFFER, qmax, quant_state, quantize_weights_, set_input_quantization_
 from strategies.runtime import export_onnx, quantize_onnx_weights_
 from tests.helpers import inputs, lenet5_bn, mlp_bn, prune_, quantize, random_model
@@ -231,6 +230,29 @@ def test_entropy_coded_file_is_smaller_than_version_1_on_a_sparse_quantized_lene
         # no tensor's bytes grow: every version-1 choice is still a candidate, and tables count
         new_lengths = {e["name"]: sum(e["lengths"]) for e in read_header(tmp_path / "v2.acw")["tensors"]}
         assert all(new_lengths[e["name"]] <= e["length"] for e in read_header(tmp_path / "v1.acw")["tensors"])
+
+
+@pytest.mark.parametrize("case", ["sparse90-4bit", "reduced-sparse-3bit-int8", "codebook"])
+def test_without_entropy_coding_the_file_is_bit_level_and_reloads_bit_identical(tmp_path, case):
+    """The benchmark's "entropy coding alone" row compares a trial's file with this one."""
+    if case == "codebook":
+        from strategies.fold import fold_batchnorm_
+
+        model = prune_(random_model(), 0.9).eval()
+        fold_batchnorm_(model)
+        codebook.share_weights_(model, lambda _: 4)
+    else:
+        model = build(CASES[case])
+    plain, coded = encode_model(model, entropy_coded=False), encode_model(model)
+    assert len(coded) < len(plain)
+    (tmp_path / "plain.acw").write_bytes(plain)
+    assert_same_model(model, load_artifact(tmp_path / "plain.acw", random_model), inputs(16))
+    for entry in read_header(tmp_path / "plain.acw")["tensors"]:
+        assert entry["layout"] in ("dense", "bitmap") and entry["encoding"] in ("raw", "packed", "palette")
+        if entry["encoding"] == "palette":  # a codebook layer's indices, at most log2(2^b) = 4 bits each
+            n, width = entry["palette"], entry["index_bits"]
+            assert n <= 16 and width == max(1, math.ceil(math.log2(n)))
+            assert entry["lengths"][1] == 4 * n + (entry["nnz"] * width + 7) // 8
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -63,9 +63,10 @@ def test_onnx_file_carries_the_trials_integer_codes_and_scales(tmp_path):
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(d.onnx_path)).graph.initializer}
     for name in ("1", "3", "5"):
         layer = model.get_submodule(name)
-        assert inits[f"{name}.weight_codes"].dtype.name == "uint8"
-        assert np.all(inits[f"{name}.weight_zero_point"] == 128)
-        codes = inits[f"{name}.weight_codes"].astype(np.int16) - 128
+        # 3-bit codes run as signed int8 on every CPU (only 8-bit ones could saturate without VNNI)
+        assert inits[f"{name}.weight_codes"].dtype.name == "int8"
+        assert np.all(inits[f"{name}.weight_zero_point"] == 0)
+        codes = inits[f"{name}.weight_codes"].astype(np.int16)
         assert np.abs(codes).max() <= 3  # 3-bit codes in [-3, 3]
         assert np.array_equal(inits[f"{name}.weight_scale"], layer.weight_scale.numpy())
         assert np.array_equal(codes * layer.weight_scale.numpy()[:, None], layer.weight.detach().numpy())
@@ -73,6 +74,10 @@ def test_onnx_file_carries_the_trials_integer_codes_and_scales(tmp_path):
         unclamped = torch.round(layer.weight.detach() / layer.weight_scale.view(-1, 1)).to(torch.int16)
         assert np.array_equal(codes, unclamped.numpy())
         assert f"{name}.weight" not in inits  # no float copy left for the runtime to requantize
+        # the bias in the accumulator's own steps, as the simulation rounds it
+        step = (layer.input_scale * layer.weight_scale).numpy()
+        assert inits[f"{name}.bias_codes"].dtype.name == "int32"
+        assert np.allclose(inits[f"{name}.bias_codes"] * step, layer.bias.detach().numpy(), atol=1e-6)
     x = torch.randn(256, 1, 28, 28)
     assert check_agreement(d.predict, lambda b: model(b).detach(), x) <= 0.01
 
@@ -107,6 +112,25 @@ def test_int8_cnn_runs_every_conv_on_integer_kernels(tmp_path):
     assert "Conv" not in ops and "FusedConv" not in ops, ops
     x = torch.randn(256, 1, 28, 28)
     assert check_agreement(d.predict, lambda b: model(b).detach(), x) <= 0.01
+
+
+@pytest.mark.parametrize("signed_bits", [7, 8])
+def test_eight_bit_codes_are_signed_only_where_the_cpu_cannot_saturate(tmp_path, signed_bits):
+    """Without VNNI (7), 8-bit codes go in as uint8 with zero-point 128: the same integers."""
+    import onnx
+    from onnx import numpy_helper
+
+    from strategies.runtime import export_onnx, quantize_onnx_weights_
+
+    ctx = context()
+    model = Quantization().apply(trained_like(MODELS["lenet300"]), QuantizationConfig(8, 8), ctx)
+    path = export_onnx(model, ctx.example_inputs, tmp_path / "model.onnx")
+    assert quantize_onnx_weights_(path, model, max_signed_bits=signed_bits) == 3
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    codes, zero_point = inits["1.weight_codes"], inits["1.weight_zero_point"]
+    assert codes.dtype.name == ("int8" if signed_bits == 8 else "uint8")
+    integers = codes.astype(np.int16) - zero_point.astype(np.int16)[:, None]
+    assert np.array_equal(integers * model[1].weight_scale.numpy()[:, None], model[1].weight.detach().numpy())
 
 
 @pytest.mark.parametrize("model_name", ["lenet5", "lenet300"])
