@@ -1,32 +1,46 @@
 """Benchmark: single techniques against the joint search, next to Deep Compression.
 
-For each model, four studies run on the same workload and budget:
+For each model, five studies run on the same workload and budget:
 
-- ``pruning``: structured + unstructured pruning, with a plain fine-tune (alpha 0, no teacher);
-- ``quantization``: weight and activation bits, with a plain quantization-aware fine-tune;
+- ``pruning``: structured + unstructured pruning (one-shot or gradual, global or per-layer),
+  with a plain fine-tune (alpha 0, no teacher);
+- ``quantization``: uniform weight and activation bits, with a plain quantization-aware fine-tune;
+- ``weight sharing``: a k-means codebook of 2^b values per layer, centroids fine-tuned;
 - ``distillation``: a smaller student (structured width) trained against the teacher;
-- ``joint``: the experiment's whole search space, widened to hold every single technique's
-  (alpha from 0, the plain fine-tune). It starts from the single techniques' best finalists
-  (the best ratio and speedups within the accuracy limit, re-evaluated as its first trials)
-  and then runs its own `n_trials`: the joint front starts where the single ones ended.
+- ``joint``: the experiment's whole search space and these options, widened to hold every
+  single technique's (alpha from 0, the plain fine-tune). It starts from the single
+  techniques' best finalists and from their stacks (the pruning study's smallest model with
+  the quantization or weight sharing study's widths; the fastest student with int8), evaluated
+  as its first trials, then runs its own `n_trials`: its front starts where theirs ended.
 
 Every figure comes from the Pareto finalists, rebuilt and scored once on the test split:
-the best compression ratio and the best speedups within a 1.0-point test-accuracy drop.
-Studies resume, so an interrupted benchmark continues where it stopped.
+the best compression ratio and the best speedups within a 1.0-point test-accuracy drop. Three
+rows isolate the new parts on the joint study's own trials: ``joint, finished`` (the finishing
+stage alone: the best finalist per axis within 2 validation points, fine-tuned again for
+FINISH_EPOCHS), ``joint, bit-packed`` (entropy coding alone: the best-ratio trial written with
+bit-level layouts only) and ONNX Runtime's ``quantize_static`` beside the int8 anchor
+(`experiments.ort_reference`). Studies resume, so an interrupted benchmark continues.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from experiments import ort_reference
+from search import rundir
 from search.anchors import off_params
 from search.config import Config, load_config, parse_config
+from search.finalize import finished_figures
 from search.loop import run_search
-from search.prepare import prepare
+from search.package import finished_is_better
+from search.prepare import Prepared, prepare
 from search.records import params_of
+from strategies.artifact import encode_model, load_artifact
+from strategies.runtime import ARTIFACT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -36,25 +50,33 @@ DEEP_COMPRESSION = {"lenet300": 40.0, "lenet5": 39.0}
 MAX_DROP = 0.01
 # The benchmark may fine-tune longer than a default search: up to this many epochs.
 FINETUNE_EPOCHS = 4
+FINISH_EPOCHS = 8  # the finishing stage's fine-tune
+FINISH_WITHIN = 0.02  # finish the best finalist per axis among those this close on validation
+# The options the pruning study and the joint study also search (off in the default experiments).
+OPTIONS = {"pruning.gradual": [False, True], "pruning.per_layer_sparsity": [False, True]}
+AXES = {"best_ratio": "compression_ratio", "best_speedup_b1": "final_speedup", "best_speedup_b64": "final_speedup_b64"}
+PLAIN = {"distillation.alpha": 0.0, "distillation.temperature": 1.0}  # a fine-tune on the labels only
 
 # Which parameters each single technique searches; fixed values are set alongside.
 TECHNIQUES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "pruning": (
-        ("pruning.", "distillation.epochs", "distillation.lr"),
-        {"distillation.alpha": 0.0, "distillation.temperature": 1.0},
-    ),
+    "pruning": (("pruning.", "distillation.epochs", "distillation.lr"), PLAIN),
     "quantization": (
-        ("quantization.", "distillation.epochs", "distillation.lr"),
-        {"distillation.alpha": 0.0, "distillation.temperature": 1.0},
+        ("quantization.weight_bits", "quantization.activation_bits", "distillation.e", "distillation.l"),
+        PLAIN,
+    ),
+    "weight sharing": (
+        ("distillation.epochs", "distillation.lr"),
+        {**PLAIN, "quantization.weight_bits": [2, 3, 4, 5, 6, 8], "quantization.scheme": "codebook"},
     ),
     "distillation": (("pruning.structured_ratio", "distillation."), {"distillation.epochs": [1, FINETUNE_EPOCHS]}),
-    "joint": (("",), {}),
+    "joint": (("",), {"quantization.scheme": ["uniform", "codebook"]}),
 }
 
 
 def technique_config(base: Config, model: str, technique: str) -> Config:
     prefixes, fixed = TECHNIQUES[technique]
-    space = {k: v.to_yaml() for k, v in base.search_space.items() if k.startswith(prefixes)}
+    space = {k: v.to_yaml() for k, v in base.search_space.items()} | OPTIONS
+    space = {k: v for k, v in space.items() if k.startswith(prefixes)}
     if "distillation.epochs" in space:
         space["distillation.epochs"] = [0, FINETUNE_EPOCHS]
     space.update(fixed)
@@ -63,7 +85,9 @@ def technique_config(base: Config, model: str, technique: str) -> Config:
             if isinstance(space.get(key), list):
                 space[key] = [floor, space[key][1]]
     raw = base.to_dict()
-    raw["name"] = f"bench-{model}-{technique}"
+    raw["name"] = f"bench-{model}-{technique.replace(' ', '-')}"
+    # the whole front, so the finishing stage can bring near misses within the limit on test
+    raw["constraints"]["max_accuracy_drop"] = None
     raw["search_space"] = space
     return parse_config(raw)
 
@@ -83,11 +107,39 @@ def best_within(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     }
 
 
-def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The finalists that are best within the accuracy limit on some reported axis."""
-    picks = [best_within(rows, key) for key in ("compression_ratio", "final_speedup", "final_speedup_b64")]
-    chosen = {p["trial"] for p in picks if p}
-    return [r for r in rows if r["trial"] in chosen]
+def best_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The finalists that are best within the accuracy limit on each reported axis."""
+    picks = {axis: best_within(rows, key) for axis, key in AXES.items()}
+    by_trial = {r["trial"]: r for r in rows}
+    return {axis: by_trial[p["trial"]] for axis, p in picks.items() if p}
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**{axis: best_within(rows, key) for axis, key in AXES.items()}, "n_pareto": len(rows)}
+
+
+def stacked(bests: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[dict[str, Any], str]]:
+    """The single techniques' best finalists stacked, as Deep Compression stacks its stages: the
+    pruning study's smallest model with the quantization or weight sharing study's widths, and
+    the fastest student with the quantization study's fastest widths."""
+
+    def part(technique: str, axis: str, prefix: str) -> dict[str, Any] | None:
+        row = bests.get(technique, {}).get(axis)
+        if row is None:
+            return None
+        fixed = {k: v for k, v in TECHNIQUES[technique][1].items() if not isinstance(v, list)}
+        return {k: v for k, v in {**params_of(row), **fixed}.items() if k.startswith(prefix)}
+
+    stacks = []
+    for base, widths, axis in (
+        (("pruning", "best_ratio"), ("quantization", "best_ratio"), "best_ratio"),
+        (("pruning", "best_ratio"), ("weight sharing", "best_ratio"), "best_ratio"),
+        (("distillation", "best_speedup_b64"), ("quantization", "best_speedup_b64"), "best_speedup_b64"),
+    ):
+        first, second = part(*base, ""), part(widths[0], axis, "quantization.")
+        if first is not None and second is not None:
+            stacks.append(({**first, **second}, f"{base[0]} {base[1]} + {widths[0]} {axis}"))
+    return stacks
 
 
 def seed_joint(study: Any, strategies: list, seeds: dict[tuple, str]) -> int:
@@ -103,6 +155,67 @@ def seed_joint(study: Any, strategies: list, seeds: dict[tuple, str]) -> int:
     return len(seeds)
 
 
+def finished_rows(p: Prepared, rows: list[dict[str, Any]], baseline_test: float) -> list[dict[str, Any]]:
+    """The finishing stage alone: the best finalist per axis within FINISH_WITHIN validation points
+    fine-tuned again for FINISH_EPOCHS; each takes its finished figures where validation says so."""
+    near = [r for r in rows if p.baseline["accuracy"] - r["val_accuracy"] <= FINISH_WITHIN]
+    chosen = {max(near, key=lambda r, k=key: r.get(k, 0))["trial"] for key in AXES.values()} if near else set()
+    search = dataclasses.replace(p.config.search, finish_epochs=FINISH_EPOCHS)
+    p = dataclasses.replace(p, config=dataclasses.replace(p.config, search=search), lock=None)
+    out = []
+    for row in rows:
+        row = dict(row)
+        if row["trial"] in chosen:
+            row.update(finished_figures(p, row, baseline_test))
+            logger.info(
+                "bench: trial %d finished: %s",
+                row["trial"],
+                row.get("finished_test_accuracy", row.get("finish_reason")),
+            )
+        if finished_is_better(row):
+            row.update({k.removeprefix("finished_"): v for k, v in row.items() if k.startswith("finished_")})
+            row["finished"] = True
+        out.append(row)
+    return out
+
+
+def bit_packed(p: Prepared, best: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Entropy coding alone: the best-ratio trial's model written with bit-level layouts only."""
+    if best is None:
+        return None
+    model = load_artifact(rundir.trial_dir(p.run_dir, best["trial"]) / ARTIFACT_NAME, p.workload.factory)
+    size = len(encode_model(model, entropy_coded=False))
+    return {**best, "size_bytes": size, "compression_ratio": p.baseline["size_bytes"] / size, "coded": best}
+
+
+def _study(
+    out: Path, config: Config, technique: str, n_trials: int, seeds: dict[tuple, str], progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """One technique's study: its best figures, and its best finalists' rows."""
+    progress(f"bench {config.name}: {n_trials} trials")
+    with prepare(config, out / config.name, progress=progress) as prepared:
+        target = n_trials + (seed_joint(prepared.study, prepared.strategies, seeds) if technique == "joint" else 0)
+        pareto = run_search(prepared, target).pareto
+        b = prepared.baseline
+        found = {
+            "baseline": {
+                "size_bytes": b["size_bytes"],
+                "test_accuracy": b["baseline_test_accuracy"],
+                **{k: v for k, v in b.items() if k.startswith("latency_ms")},
+            },
+            "rows": {technique: summary(pareto)},
+            "bests": best_rows(pareto),
+        }
+        if technique == "quantization":
+            found["ort_reference"] = ort_reference.compare(prepared, out / f"{config.name}-ort-reference")
+        if technique == "joint":
+            found["rows"]["joint, finished"] = summary(finished_rows(prepared, pareto, b["baseline_test_accuracy"]))
+            found["rows"]["joint, bit-packed"] = {
+                "best_ratio": bit_packed(prepared, found["rows"]["joint"]["best_ratio"])
+            }
+    return found
+
+
 def run_bench(
     out: Path,
     models: list[str],
@@ -115,48 +228,37 @@ def run_bench(
     for model in models:
         base = load_config(experiments_dir / EXPERIMENTS[model], list(overrides))
         entry: dict[str, Any] = {"deep_compression_ratio": DEEP_COMPRESSION[model], "techniques": {}}
-        seeds: dict[tuple, str] = {}  # the single techniques' best parameters → where they came from
+        seeds: dict[tuple, str] = {}  # parameters the joint study starts from → where they came from
+        bests: dict[str, dict[str, dict[str, Any]]] = {}
         for technique in TECHNIQUES:
-            config = technique_config(base, model, technique)
-            progress(f"bench {model} / {technique}: {n_trials} trials")
-            with prepare(config, out / config.name, progress=progress) as prepared:
-                target = n_trials
-                if technique == "joint":
-                    target += seed_joint(prepared.study, prepared.strategies, seeds)
-                result = run_search(prepared, target)
-            for row in best_rows(result.pareto):
-                params = tuple(sorted(params_of(row).items()))
-                seeds.setdefault(params, f"{technique} trial {row['trial']}")
-            b = prepared.baseline
-            entry["baseline"] = {
-                "size_bytes": b["size_bytes"],
-                "test_accuracy": b["baseline_test_accuracy"],
-                **{k: v for k, v in b.items() if k.startswith("latency_ms")},
-            }
-            entry["techniques"][technique] = {
-                "best_ratio": best_within(result.pareto, "compression_ratio"),
-                "best_speedup_b1": best_within(result.pareto, "final_speedup"),
-                "best_speedup_b64": best_within(result.pareto, "final_speedup_b64"),
-                "n_pareto": len(result.pareto),
-            }
-        joint = entry["techniques"]["joint"]
+            if technique == "joint":
+                for params, origin in stacked(bests):
+                    seeds.setdefault(tuple(sorted(params.items())), origin)
+            found = _study(out, technique_config(base, model, technique), technique, n_trials, seeds, progress)
+            bests[technique] = found["bests"]
+            for axis, row in found["bests"].items():
+                seeds.setdefault(tuple(sorted(params_of(row).items())), f"{technique} trial {row['trial']} ({axis})")
+            entry["baseline"] = found["baseline"]
+            entry["techniques"].update(found["rows"])
+            if "ort_reference" in found:
+                entry["ort_reference"] = found["ort_reference"]
         entry["joint_at_least_as_good"] = {
             axis: all(
-                (joint[axis] or {}).get(metric, 0) >= (entry["techniques"][t][axis] or {}).get(metric, 0)
-                for t in TECHNIQUES
-                if t != "joint"
+                (entry["techniques"]["joint"][axis] or {}).get(metric, 0) >= (t[axis] or {}).get(metric, 0)
+                for name, t in entry["techniques"].items()
+                if name in TECHNIQUES and name != "joint"
             )
-            for axis, metric in (
-                ("best_ratio", "compression_ratio"),
-                ("best_speedup_b1", "final_speedup"),
-                ("best_speedup_b64", "final_speedup_b64"),
-            )
+            for axis, metric in AXES.items()
         }
         results["models"][model] = entry
+        _write(out, results)
+    return results
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     (out / "bench.md").write_text(markdown(results))
-    return results
 
 
 def _cell(best: dict[str, Any] | None, metric: str) -> str:
@@ -168,7 +270,8 @@ def _cell(best: dict[str, Any] | None, metric: str) -> str:
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Best figures among Pareto finalists within a {100 * MAX_DROP:.1f}-point test-accuracy drop "
-        f"({results['n_trials']} trials per study, Fashion-MNIST, ONNX Runtime, 1 thread).",
+        f"({results['n_trials']} trials per study, Fashion-MNIST, ONNX Runtime, 1 thread). "
+        "Compression ratios are against the baseline's own packed file.",
         "",
         "| model | technique | compression ratio | speedup batch 1 | speedup batch 64 |",
         "| --- | --- | --- | --- | --- |",
@@ -180,10 +283,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{b.get('latency_ms', float('nan')):.3f} ms | {b.get('latency_ms_b64', float('nan')):.3f} ms |"
         )
         for technique, t in entry["techniques"].items():
-            lines.append(
-                f"| {model} | {technique} | {_cell(t['best_ratio'], 'compression_ratio')} | "
-                f"{_cell(t['best_speedup_b1'], 'final_speedup')} | "
-                f"{_cell(t['best_speedup_b64'], 'final_speedup_b64')} |"
-            )
+            cells = [_cell(t.get(axis), metric) if axis in t else "" for axis, metric in AXES.items()]
+            lines.append(f"| {model} | {technique} | {' | '.join(cells)} |")
         lines.append(f"| {model} | Deep Compression (MNIST, published) | {entry['deep_compression_ratio']:.0f}x | | |")
+        if "ort_reference" in entry:
+            for name, row in entry["ort_reference"]["rows"].items():
+                speeds = [f"{row[k]:.2f}x" for k in sorted((k for k in row if k.startswith("speedup_b")), key=len)]
+                name = f"{name} (ORT reference, test acc {row['test_accuracy']:.4f})"
+                lines.append(f"| {model} | {name} | | {' | '.join(speeds)} |")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
-    p.add_argument("--n-trials", type=int, default=30, help="trials per study (4 studies per model)")
+    p.add_argument("--n-trials", type=int, default=16, help="trials per study (5 studies per model)")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--experiments-dir", default=str(HERE))
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the base experiments' config")

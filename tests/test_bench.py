@@ -15,13 +15,21 @@ def test_each_technique_searches_only_its_own_parameters(technique):
     expected = {
         "pruning": {"structured_pruning", "unstructured_pruning", "distillation"},
         "quantization": {"quantization", "distillation"},
+        "weight sharing": {"quantization", "distillation"},
         "distillation": {"structured_pruning", "distillation"},
         "joint": {"structured_pruning", "unstructured_pruning", "distillation", "quantization"},
     }[technique]
     assert names == expected
-    if technique in ("pruning", "quantization"):  # a plain fine-tune: no teacher term
+    if technique in ("pruning", "quantization", "weight sharing"):  # a plain fine-tune: no teacher term
         assert config.search_space["distillation.alpha"].to_yaml() == 0.0
-    assert config.name == f"bench-lenet5-{technique}"
+    space = config.search_space
+    scheme = {"weight sharing": ["codebook"], "joint": ["uniform", "codebook"]}.get(technique)
+    assert (space["quantization.scheme"].to_yaml() if "quantization.scheme" in space else None) == scheme
+    if technique in ("pruning", "joint"):  # the options the default experiments leave off
+        assert space["pruning.gradual"].to_yaml() == [False, True]
+        assert space["pruning.per_layer_sparsity"].to_yaml() == [False, True]
+    assert config.name == f"bench-lenet5-{technique.replace(' ', '-')}"
+    assert config.constraints.max_accuracy_drop is None  # the whole front; the bench selects on test
 
 
 def test_best_within_respects_the_accuracy_limit():
@@ -73,7 +81,9 @@ def test_the_joint_study_starts_from_the_single_techniques_best_finalists():
             "test_accuracy_drop": 0.1,
         },
     ]
-    assert [r["trial"] for r in best_rows(rows)] == [3]  # trial 4 is outside the accuracy limit
+    assert {axis: r["trial"] for axis, r in best_rows(rows).items()} == dict.fromkeys(
+        ["best_ratio", "best_speedup_b1", "best_speedup_b64"], 3
+    )  # trial 4 is outside the accuracy limit
     joint = load_config(ROOT / "experiments" / "fmnist_cnn.yaml")
     config = technique_config(joint, "lenet5", "joint")
     assert config.search_space["distillation.alpha"].low == 0.0  # holds the plain fine-tune of the singles
@@ -86,3 +96,65 @@ def test_the_joint_study_starts_from_the_single_techniques_best_finalists():
     assert trial.user_attrs["seeded_from"] == "pruning trial 3"
     params = study.get_trials()[0].system_attrs["fixed_params"]
     assert params["pruning.structured_ratio"] == 0.5 and params["quantization.weight_bits"] == 32
+
+
+def test_the_stacks_combine_each_single_techniques_own_parameters():
+    from experiments.bench import stacked
+
+    pruned = {
+        "trial": 1,
+        "pruning.structured_ratio": 0.3,
+        "pruning.unstructured_sparsity": 0.9,
+        "distillation.epochs": 4,
+    }
+    quantized = {"trial": 2, "quantization.weight_bits": 4, "quantization.activation_bits": 8, "distillation.epochs": 1}
+    shared = {"trial": 3, "quantization.weight_bits": 3, "distillation.epochs": 2}
+    student = {"trial": 4, "pruning.structured_ratio": 0.6, "distillation.alpha": 0.7, "distillation.epochs": 3}
+    int8 = {"trial": 5, "quantization.weight_bits": 8, "quantization.activation_bits": 8}
+    bests = {
+        "pruning": {"best_ratio": pruned},
+        "quantization": {"best_ratio": quantized, "best_speedup_b64": int8},
+        "weight sharing": {"best_ratio": shared},
+        "distillation": {"best_speedup_b64": student},
+    }
+    stacks = dict((origin, params) for params, origin in stacked(bests))
+    assert stacks["pruning best_ratio + quantization best_ratio"] == {
+        "pruning.structured_ratio": 0.3,
+        "pruning.unstructured_sparsity": 0.9,
+        "distillation.epochs": 4,  # the pruned model's fine-tune, not the quantized one's
+        "distillation.alpha": 0.0,  # and its study's fixed values: the plain fine-tune
+        "distillation.temperature": 1.0,
+        "quantization.weight_bits": 4,
+        "quantization.activation_bits": 8,
+    }
+    ws = stacks["pruning best_ratio + weight sharing best_ratio"]
+    assert ws["quantization.scheme"] == "codebook" and ws["quantization.weight_bits"] == 3  # its fixed scheme
+    fast = stacks["distillation best_speedup_b64 + quantization best_speedup_b64"]
+    assert fast["pruning.structured_ratio"] == 0.6 and fast["quantization.activation_bits"] == 8
+    assert stacked({"pruning": {"best_ratio": pruned}}) == []  # nothing to stack it with
+
+
+def test_the_benchmark_runs_every_study_and_row_end_to_end(tmp_path):
+    """On the smoke workload, two trials per study: every row is written, the ORT reference is
+    timed beside the int8 anchor, and the bit-packed file of the best-ratio trial is larger."""
+    import json
+    import shutil
+
+    from experiments.bench import run_bench
+
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    shutil.copy(ROOT / "experiments" / "smoke.yaml", experiments / "fmnist_mlp.yaml")
+    results = run_bench(tmp_path / "bench", ["lenet300"], 2, experiments)
+    entry = results["models"]["lenet300"]
+    assert set(entry["techniques"]) == {*TECHNIQUES, "joint, finished", "joint, bit-packed"}
+    reference = entry["ort_reference"]["rows"]
+    assert set(reference) == {"baseline", "int8 anchor", "quantize_static"}
+    assert all(0 < row["test_accuracy"] <= 1 and row["speedup_b1"] > 0 for row in reference.values())
+    packed = entry["techniques"]["joint, bit-packed"]["best_ratio"]
+    if packed is not None:
+        assert packed["size_bytes"] >= packed["coded"]["size_bytes"]
+    written = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert written["models"]["lenet300"]["deep_compression_ratio"] == 40.0
+    table = (tmp_path / "bench" / "bench.md").read_text()
+    assert "| lenet300 | weight sharing |" in table and "quantize_static (ORT reference" in table
