@@ -305,7 +305,7 @@ def _front_html(summary: Mapping[str, Any], plot: str) -> str:
         keys += sorted(k for k in pareto[0] if k.startswith(("final_latency", "final_speedup")))
         parts = [k for k in HEADERS if k.startswith("size_") and k in pareto[0]]
         where = "<p>Where the bytes of each packed file go:</p>" + _table(pareto, ["trial", "size_bytes", *parts])
-        return plot + _table(pareto, keys) + (where if parts else "")
+        return plot + _table(pareto, keys) + (where if parts else "") + f"<p>{html.escape(codebook_note(pareto))}</p>"
     if closest:
         keys = ["trial", *param_columns(closest), "accuracy", "accuracy_drop", "size_bytes", "latency_ms"]
         return (
@@ -314,6 +314,19 @@ def _front_html(summary: Mapping[str, Any], plot: str) -> str:
             + _table(closest, [*keys, "violation"])
         )
     return "<p>No trial completed, so there is no front.</p>"
+
+
+def codebook_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What a weight-sharing finalist deploys as ("" when there is none)."""
+    shared = [str(r["trial"]) for r in rows if r.get("quantization.scheme") == "codebook"]
+    if not shared:
+        return ""
+    return (
+        f"{'Trials' if len(shared) > 1 else 'Trial'} {', '.join(shared)} {'share' if len(shared) > 1 else 'shares'} "
+        "weights (quantization.scheme codebook): "
+        "the packed file stores each weight's index into its layer's codebook, but ONNX Runtime has no kernel "
+        "for codebook weights, so model.onnx holds the shared values as float weights and runs as a float model."
+    )
 
 
 def _finishing_html(summary: Mapping[str, Any]) -> str:

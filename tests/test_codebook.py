@@ -102,3 +102,16 @@ def test_a_codebook_model_packs_and_deploys_as_its_own_weights(tmp_path, sparsit
     # far smaller than the same model's float weights: 3-bit indices and a 8-entry codebook per layer
     floats = sum(layer.weight.numel() for _, layer in weight_layers(model)) * 4
     assert size < floats / 6
+
+
+def test_the_report_says_weight_sharing_finalists_run_as_float_weights():
+    from search.report import codebook_note
+
+    rows = [
+        {"trial": 3, "quantization.scheme": "codebook"},
+        {"trial": 4, "quantization.scheme": "uniform"},
+        {"trial": 5},
+    ]
+    note = codebook_note(rows)
+    assert note.startswith("Trial 3 shares weights") and "float weights" in note and "4" not in note.split(":")[0]
+    assert codebook_note(rows[1:]) == ""
