@@ -6,7 +6,7 @@ anchor trial is what autocompress deploys for the same request. The baseline, th
 and the reference run in one interleaved timing loop at each configured batch size, and
 each is scored on the test split through its own ONNX Runtime session.
 
-    python -m experiments.ort_reference --model lenet5     # a study of its own under runs/
+    python -m experiments.ort_reference [--config experiments/fmnist_cnn.yaml]   # a study of its own
 """
 
 from __future__ import annotations
@@ -105,18 +105,17 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from experiments.bench import EXPERIMENTS
     from search.config import load_config, parse_config
     from search.loop import run_search
     from search.prepare import prepare
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(EXPERIMENTS), default="lenet5")
+    parser.add_argument("--config", default=str(Path(__file__).parent / "fmnist_cnn.yaml"))
     parser.add_argument("--out", default="runs/ort-reference")
     parser.add_argument("--repeats", type=int, default=300)
     args = parser.parse_args(argv)
-    raw = load_config(Path(__file__).parent / EXPERIMENTS[args.model]).to_dict()
-    raw["name"] = f"ort-reference-{args.model}"
+    raw = load_config(Path(args.config)).to_dict()
+    raw["name"] = f"ort-reference-{raw['name']}"
     raw["search_space"] = {"quantization.weight_bits": [8, 32], "quantization.activation_bits": [8, 32]}
     raw["search"]["finish_epochs"] = 0
     config = parse_config(raw)
