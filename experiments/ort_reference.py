@@ -12,6 +12,7 @@ each is scored on the test split through its own ONNX Runtime session.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,14 @@ def quantize_static_reference(prepared: Prepared, out: Path) -> Path:
             return None if batch is None else {"input": batch}
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    quantize_static(
-        str(baseline_dir(prepared.run_dir) / ONNX_NAME),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it advises pre-processing on the root logger at every call
+    try:
+        source = baseline_dir(prepared.run_dir) / ONNX_NAME
+        quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    finally:
+        root.setLevel(level)
     return out
 
 
