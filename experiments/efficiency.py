@@ -227,7 +227,7 @@ def run_efficiency(
     search without them, the usual baseline. A sampler does not know its budget, so one run
     of the largest budget gives every smaller budget as its prefix (``auto`` resolves per budget).
     """
-    from multiprocessing import Pool
+    import multiprocessing
 
     tables = {ref: Table.load(table_path, ref) for ref in references}  # raises on an unknown reference
     table = next(iter(tables.values()))
@@ -241,7 +241,9 @@ def run_efficiency(
     progress(
         f"replaying {len(jobs)} studies on {len(table.rows)} configurations ({len(table.front)} on the true front)"
     )
-    with Pool(processes) as pool:
+    # spawned, not forked: a fork of a process that already runs other threads (ONNX Runtime's,
+    # MLflow's) can inherit a held lock and hang its worker
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
         done = dict(
             ((path, sampler, seed, anchors), visited)
             for (path, sampler, seed, _, anchors), visited in pool.imap_unordered(
