@@ -61,7 +61,7 @@ PLAIN = {"distillation.alpha": 0.0, "distillation.temperature": 1.0}  # a fine-t
 TECHNIQUES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "pruning": (("pruning.", "distillation.epochs", "distillation.lr"), PLAIN),
     "quantization": (
-        ("quantization.weight_bits", "quantization.activation_bits", "distillation.e", "distillation.l"),
+        ("quantization.weight_bits", "quantization.activation_bits", "distillation.epochs", "distillation.lr"),
         PLAIN,
     ),
     "weight sharing": (

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
+from objectives.accuracy import top1_accuracy
 from objectives.latency import latency_batch, time_interleaved
 from search.prepare import Prepared
 from search.rundir import baseline_dir, trial_dir
@@ -52,12 +54,8 @@ def quantize_static_reference(prepared: Prepared, out: Path) -> Path:
     return out
 
 
-def _test_accuracy(session, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        logits = session.run(None, {"input": x[i : i + batch_size]})[0]
-        correct += int((logits.argmax(1) == y[i : i + batch_size]).sum())
-    return correct / len(x)
+def _predict(session) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 
 
 def anchor_trial(prepared: Prepared, name: str = "int8") -> int:
@@ -77,9 +75,9 @@ def compare(prepared: Prepared, out_dir: Path, repeats: int = 300) -> dict[str, 
         "quantize_static": quantize_static_reference(prepared, out_dir / REFERENCE_NAME),
     }
     sessions = {name: ort_session(path, lat.threads) for name, path in paths.items()}
-    x, y = prepared.workload.test.x.numpy(), prepared.workload.test.y.numpy()
+    test = prepared.workload.test
     rows: dict[str, dict[str, Any]] = {
-        name: {"test_accuracy": _test_accuracy(s, x, y), "onnx_bytes": paths[name].stat().st_size}
+        name: {"test_accuracy": top1_accuracy(_predict(s), test.x, test.y), "onnx_bytes": paths[name].stat().st_size}
         for name, s in sessions.items()
     }
     rows["int8 anchor"]["trial"] = number

@@ -305,7 +305,8 @@ def _front_html(summary: Mapping[str, Any], plot: str) -> str:
         keys += sorted(k for k in pareto[0] if k.startswith(("final_latency", "final_speedup")))
         parts = [k for k in HEADERS if k.startswith("size_") and k in pareto[0]]
         where = "<p>Where the bytes of each packed file go:</p>" + _table(pareto, ["trial", "size_bytes", *parts])
-        return plot + _table(pareto, keys) + (where if parts else "") + f"<p>{html.escape(codebook_note(pareto))}</p>"
+        note = codebook_note(pareto)
+        return plot + _table(pareto, keys) + (where if parts else "") + (f"<p>{html.escape(note)}</p>" if note else "")
     if closest:
         keys = ["trial", *param_columns(closest), "accuracy", "accuracy_drop", "size_bytes", "latency_ms"]
         return (

@@ -72,13 +72,17 @@ def _uncoded(table: list[int], data: bytes, n: int) -> np.ndarray:
     return _unans(data, _model(table), n).astype(np.int64) + int(table[0])
 
 
-def _index(present: np.ndarray) -> Candidate:
-    """The cheapest way to say which elements are non-zero (some are not)."""
+def _index(present: np.ndarray, entropy_coded: bool = True) -> Candidate:
+    """The cheapest way to say which elements are non-zero (some are not); a bitmap only, without
+    `entropy_coded`."""
     size, nnz = present.size, int(present.sum())
-    bitmap, bernoulli = np.packbits(present).tobytes(), _ans(present, _model(nnz / size))
-    options = [(len(bitmap), {"layout": "bitmap"}, bitmap), (len(bernoulli), {"layout": "bernoulli"}, bernoulli)]
+    bitmap = np.packbits(present).tobytes()
+    options = [(len(bitmap), {"layout": "bitmap"}, bitmap)]
+    if entropy_coded:
+        bernoulli = _ans(present, _model(nnz / size))
+        options.append((len(bernoulli), {"layout": "bernoulli"}, bernoulli))
     gaps = np.diff(np.flatnonzero(present), prepend=-1) - 1  # the zeros before each element
-    for escape in _ESCAPES if nnz else ():
+    for escape in _ESCAPES if nnz and entropy_coded else ():
         skips = gaps // escape
         symbols = np.full(int(skips.sum()) + nnz, escape, dtype=np.int64)
         symbols[np.cumsum(skips + 1) - 1] = gaps % escape
@@ -136,11 +140,7 @@ def encode_tensor(flat: np.ndarray, bits: int | None = None, entropy_coded: bool
     cost, fields, values = _encoding(flat, bits, entropy_coded)
     best = cost, {"layout": "dense", **fields}, b"", values
     if not present.all():
-        if entropy_coded:
-            index_cost, index_fields, index = _index(present)
-        else:
-            index = np.packbits(present).tobytes()
-            index_cost, index_fields = len(index), {"layout": "bitmap", "nnz": int(present.sum())}
+        index_cost, index_fields, index = _index(present, entropy_coded)
         cost, fields, values = _encoding(flat[present], bits, entropy_coded)
         if index_cost + cost < best[0]:
             best = index_cost + cost, {**index_fields, **fields}, index, values

@@ -7,6 +7,7 @@ measure what would be deployed rather than the PyTorch simulation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import warnings
@@ -74,8 +75,9 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path) -> P
     return path
 
 
+@functools.cache
 def cpu_has_vnni() -> bool:
-    """Whether this CPU has VNNI (AVX512-VNNI or AVX-VNNI): 8-bit dot products into int32."""
+    """Whether this CPU has VNNI (AVX512-VNNI or AVX-VNNI): 8-bit dot products into int32. Read once."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -96,6 +98,22 @@ def max_signed_weight_bits() -> int:
     return 8 if cpu_has_vnni() else 7
 
 
+def _dequantized(graph, initializers: dict, nodes: list, name: str, values, scale, zero_point) -> None:
+    """Replace initializer `name` by `values` behind a per-channel DequantizeLinear (appended to `nodes`)."""
+    from onnx import helper, numpy_helper
+
+    graph.initializer.remove(initializers[name])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(values, f"{name}_codes"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+            numpy_helper.from_array(zero_point, f"{name}_zero_point"),
+        ]
+    )
+    inputs = [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"]
+    nodes.append(helper.make_node("DequantizeLinear", inputs, [name], axis=0, name=f"{name}_dequantize"))
+
+
 def quantize_onnx_weights_(path: Path, model: nn.Module, max_signed_bits: int | None = None) -> int:
     """Give ONNX Runtime the trial's integer weights wherever it will run integer kernels.
 
@@ -109,53 +127,34 @@ def quantize_onnx_weights_(path: Path, model: nn.Module, max_signed_bits: int | 
     at load time rather than on every call. Returns the layers rewritten.
     """
     import onnx
-    from onnx import helper, numpy_helper
 
     signed_bits = max_signed_weight_bits() if max_signed_bits is None else max_signed_bits
     graph_model = onnx.load(str(path))
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
-    nodes = []
-
-    def dequantized(name: str, values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> None:
-        graph.initializer.remove(initializers[name])
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(values, f"{name}_codes"),
-                numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
-                numpy_helper.from_array(zero_point, f"{name}_zero_point"),
-            ]
-        )
-        node = helper.make_node(
-            "DequantizeLinear",
-            [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"],
-            [name],
-            axis=0,
-            name=f"{name}_dequantize",
-        )
-        nodes.append(node)
-
+    nodes, layers = [], 0
     for name, module in weight_layers(model):
         state = quant_state(module)
         if state is None or state.input_scale is None:
             continue
         if f"{name}.weight" not in initializers:
             raise ExportError(f"the ONNX export has no initializer for {name}.weight to quantize")
+        layers += 1
         codes, scale = state.codes.cpu().numpy(), state.scale.cpu().numpy()
-        if state.bits <= signed_bits:
-            dequantized(f"{name}.weight", codes.astype(np.int8), scale, np.zeros(len(scale), np.int8))
-        else:
-            dequantized(f"{name}.weight", (codes + 128).astype(np.uint8), scale, np.full(len(scale), 128, np.uint8))
+        signed = state.bits <= signed_bits
+        values, zero_point = (codes.astype(np.int8), 0) if signed else ((codes + 128).astype(np.uint8), 128)
+        zero_points = np.full(len(scale), zero_point, values.dtype)
+        _dequantized(graph, initializers, nodes, f"{name}.weight", values, scale, zero_points)
         if module.bias is not None and f"{name}.bias" in initializers:
             step = (state.input_scale * state.scale).cpu().numpy().astype(np.float32)
             steps = np.round(module.bias.detach().cpu().numpy() / step).astype(np.int32)
-            dequantized(f"{name}.bias", steps, step, np.zeros(len(step), np.int32))
+            _dequantized(graph, initializers, nodes, f"{name}.bias", steps, step, np.zeros(len(step), np.int32))
     if nodes:
         for node in reversed(nodes):
             graph.node.insert(0, node)
         _flatten_as_reshape(graph)
         onnx.save(graph_model, str(path))
-    return sum(node.input[0].endswith(".weight_codes") for node in nodes)
+    return layers
 
 
 def _flatten_as_reshape(graph) -> None:
