@@ -68,8 +68,7 @@ def test_the_joint_study_starts_from_the_single_techniques_best_finalists():
             "compression_ratio": 4.0,
             "final_speedup": 3.0,
             "final_speedup_b64": 4.0,
-            "test_accuracy": 0.9,
-            "test_accuracy_drop": 0.005,
+            "val_accuracy": 0.89,
         },
         {
             "trial": 4,
@@ -77,13 +76,13 @@ def test_the_joint_study_starts_from_the_single_techniques_best_finalists():
             "compression_ratio": 9.0,
             "final_speedup": 5.0,
             "final_speedup_b64": 6.0,
-            "test_accuracy": 0.8,
-            "test_accuracy_drop": 0.1,
+            "val_accuracy": 0.87,
         },
     ]
-    assert {axis: r["trial"] for axis, r in best_rows(rows).items()} == dict.fromkeys(
+    assert {axis: r["trial"] for axis, r in best_rows(rows, baseline_val=0.9).items()} == dict.fromkeys(
         ["best_ratio", "best_speedup_b1", "best_speedup_b64"], 3
-    )  # trial 4 is outside the accuracy limit
+    )  # trial 4 is more than 2 validation points behind
+    assert best_rows(rows, baseline_val=0.95) == {}  # nothing near enough: no seeds
     joint = load_config(ROOT / "experiments" / "fmnist_cnn.yaml")
     config = technique_config(joint, "lenet5", "joint")
     assert config.search_space["distillation.alpha"].low == 0.0  # holds the plain fine-tune of the singles
@@ -111,8 +110,9 @@ def test_the_stacks_combine_each_single_techniques_own_parameters():
     shared = {"trial": 3, "quantization.weight_bits": 3, "distillation.epochs": 2}
     student = {"trial": 4, "pruning.structured_ratio": 0.6, "distillation.alpha": 0.7, "distillation.epochs": 3}
     int8 = {"trial": 5, "quantization.weight_bits": 8, "quantization.activation_bits": 8}
+    narrow = {"trial": 6, "pruning.structured_ratio": 0.5, "pruning.unstructured_sparsity": 0.0}
     bests = {
-        "pruning": {"best_ratio": pruned},
+        "pruning": {"best_ratio": pruned, "best_speedup_b64": narrow},
         "quantization": {"best_ratio": quantized, "best_speedup_b64": int8},
         "weight sharing": {"best_ratio": shared},
         "distillation": {"best_speedup_b64": student},
@@ -131,6 +131,8 @@ def test_the_stacks_combine_each_single_techniques_own_parameters():
     assert ws["quantization.scheme"] == "codebook" and ws["quantization.weight_bits"] == 3  # its fixed scheme
     fast = stacks["distillation best_speedup_b64 + quantization best_speedup_b64"]
     assert fast["pruning.structured_ratio"] == 0.6 and fast["quantization.activation_bits"] == 8
+    narrow_int8 = stacks["pruning best_speedup_b64 + quantization best_speedup_b64"]
+    assert narrow_int8["pruning.structured_ratio"] == 0.5 and narrow_int8["quantization.weight_bits"] == 8
     assert stacked({"pruning": {"best_ratio": pruned}}) == []  # nothing to stack it with
 
 
