@@ -14,9 +14,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from objectives.base import Candidate, EvalContext, Objective, ObjectiveError, finite
+from objectives.base import Batch, Candidate, EvalContext, Objective, ObjectiveError, finite
 
-Runner = Callable[[np.ndarray], object]
+Runner = Callable[[Batch], object]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def _stats(times_ms: np.ndarray) -> LatencyStats:
     return LatencyStats(float(median), float(p10), float(p90), len(times_ms))
 
 
-def time_interleaved(runs: Sequence[Runner], batch: np.ndarray, warmup: int, repeats: int) -> list[LatencyStats]:
+def time_interleaved(runs: Sequence[Runner], batch: Batch, warmup: int, repeats: int) -> list[LatencyStats]:
     """Time several runners on one batch, alternating them call by call."""
     for run in runs:
         for _ in range(warmup):
@@ -56,8 +56,12 @@ def time_interleaved(runs: Sequence[Runner], batch: np.ndarray, warmup: int, rep
     return [_stats(row) for row in times]
 
 
-def latency_batch(example_inputs, batch_size: int) -> np.ndarray:
-    """A fixed random batch with the example's per-sample shape (contents do not change timing)."""
+def latency_batch(example_inputs, batch_size: int) -> Batch:
+    """A fixed batch of `batch_size` samples shaped like the example: random values for one float
+    tensor (contents do not change timing), the example itself repeated for named inputs (random
+    token ids or masks would not be valid inputs)."""
+    if hasattr(example_inputs, "keys"):
+        return example_inputs[[0] * batch_size].numpy()
     shape = (batch_size, *tuple(example_inputs.shape[1:]))
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 

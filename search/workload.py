@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strategies.inputs import Inputs, as_inputs, fingerprint_bytes
+
 logger = logging.getLogger(__name__)
 
 # Built-in names → the import paths they stand for (resolved like a user's, at run time).
@@ -34,7 +36,7 @@ BUILTIN_DATASETS = {"fashion-mnist": "experiments.data:load_fashion_mnist"}
 
 @dataclass
 class Split:
-    x: torch.Tensor
+    x: Inputs  # one float tensor, or named tensors (token ids, masks) sharing the batch axis
     y: torch.Tensor
 
     def __len__(self) -> int:
@@ -124,11 +126,17 @@ def model_factory(model: str) -> Callable[[], nn.Module]:
 
 
 def _as_split(value: Any, what: str) -> Split:
+    """A split from `.x/.y` or an (x, y) pair; x is a float tensor or a mapping of named tensors."""
     if hasattr(value, "x") and hasattr(value, "y"):
-        return Split(torch.as_tensor(value.x, dtype=torch.float32), torch.as_tensor(value.y, dtype=torch.int64))
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return Split(torch.as_tensor(value[0], dtype=torch.float32), torch.as_tensor(value[1], dtype=torch.int64))
-    raise ValueError(f"{what} must return (train, test) splits, each with .x/.y or an (x, y) pair")
+        x, y = value.x, value.y
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        x, y = value
+    else:
+        raise ValueError(f"{what} must return (train, test) splits, each with .x/.y or an (x, y) pair")
+    split = Split(as_inputs(x, what), torch.as_tensor(y, dtype=torch.int64))
+    if len(split.x) != len(split.y):
+        raise ValueError(f"{what}: a split has {len(split.x)} inputs but {len(split.y)} labels")
+    return split
 
 
 def _load_dataset(dataset: str, data_dir: str | None) -> tuple[Split, Split, str]:
@@ -137,7 +145,7 @@ def _load_dataset(dataset: str, data_dir: str | None) -> tuple[Split, Split, str
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise ValueError("workload.dataset must return a (train, test) pair")
     train, test = (_as_split(s, "workload.dataset") for s in result)
-    identity = hashlib.sha256(train.x.numpy().tobytes()[: 1 << 20] + train.y.numpy().tobytes()).hexdigest()
+    identity = hashlib.sha256(fingerprint_bytes(train.x) + train.y.numpy().tobytes()).hexdigest()
     return train, test, identity
 
 

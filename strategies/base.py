@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
+from strategies.inputs import Inputs
 from strategies.space import Anchor, Param
 
 
@@ -58,10 +59,10 @@ class Context:
     uncompressed teacher's output for `finetune_x[i]`, computed once per study.
     """
 
-    example_inputs: torch.Tensor
-    finetune_x: torch.Tensor
+    example_inputs: Inputs
+    finetune_x: Inputs
     finetune_y: torch.Tensor
-    calibration_x: torch.Tensor
+    calibration_x: Inputs
     teacher: nn.Module | None = None
     teacher_logits: torch.Tensor | None = None
     seed: int = 0
@@ -164,7 +165,7 @@ class Strategy(ABC):
         trial's record; else nothing."""
         return {}
 
-    def sensitivity(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> dict | None:
+    def sensitivity(self, model: nn.Module, x: Inputs, batch_size: int) -> dict | None:
         """The per-layer scan this search space needs, once per study (strategies.sensitivity),
         or None."""
         return None

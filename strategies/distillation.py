@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
+from strategies.inputs import Inputs
 from strategies.space import TOP, Anchor, FloatParam, IntParam
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _zero_masks(weights: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.T
 
 def distill_(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     teacher_logits: torch.Tensor,
     config: DistillationConfig,

@@ -13,9 +13,8 @@ exports to ONNX QuantizeLinear/DequantizeLinear. It is a forward pre-hook readin
 layer's `input_scale`/`input_zero_point` buffers rather than a wrapper module: a wrapper
 would rename every state-dict key and submodule (`0.weight` → `0.layer.weight`), while a
 hook keeps names, so the model still matches its factory; the hook is a module-level
-function, so deepcopy and pickling keep it.
-
-BatchNorm is folded first, so the quantized weights are the ones that really run.
+function, so deepcopy and pickling keep it. BatchNorm is folded first, so the quantized
+weights are the ones that really run.
 
 Mixed precision (searched when the search space lists `quantization.mixed_precision`):
 `weight_bits` is then the average width over the weights, and each layer gets its own width.
@@ -46,6 +45,7 @@ from torch.nn.utils import parametrize
 from strategies import codebook, sensitivity
 from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
 from strategies.fold import fold_batchnorm_
+from strategies.inputs import Inputs
 from strategies.space import Anchor, ChoiceParam
 
 logger = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(min(255, max(0, round(-lo / scale))))
 
 
-def calibrate_inputs_(model: nn.Module, calibration_x: torch.Tensor, batch_size: int) -> None:
+def calibrate_inputs_(model: nn.Module, calibration_x: Inputs, batch_size: int) -> None:
     """Observe each layer's input range on float activations (min/max), then turn fake-quant on."""
     if len(calibration_x) == 0:
         raise QuantizationError("activation quantization needs calibration data, got none")
@@ -349,7 +349,7 @@ class Quantization(Strategy):
             raise ValueError("quantization.layer_bits lacks layers: pass the config as pipeline.compress resolved it")
         return {"quantization.layer_bits": " ".join(f"{name}:{widths[name]}" for name in layers)}
 
-    def sensitivity(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> dict | None:
+    def sensitivity(self, model: nn.Module, x: Inputs, batch_size: int) -> dict | None:
         """Each layer's sensitivity at each weight width of the space, BatchNorm folded as
         deployed; None unless mixed precision is searched."""
         if not self.offers("quantization.mixed_precision"):

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from strategies.base import weight_layers
+from strategies.inputs import Inputs
 
 
 def scan(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     batch_size: int,
     levels: Sequence[float],
     alter: Callable[[torch.Tensor, float], torch.Tensor],
