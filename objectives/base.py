@@ -53,8 +53,13 @@ class LatencySettings:
     warmup: int = 10
     repeats: int = 50
     max_spread: float = 0.15
+    # Named inputs (token ids, masks) are timed at this many tokens; None: the example's own length.
+    sequence_length: int | None = None
 
     def __post_init__(self) -> None:
+        length = self.sequence_length
+        if length is not None and (not _whole(length) or length < 1):
+            raise ValueError(f"latency.sequence_length must be a whole number >= 1 or null, got {length!r}")
         sizes = self.batch_sizes
         if not isinstance(sizes, tuple) or not sizes or not all(_whole(b) and b >= 1 for b in sizes):
             raise ValueError(f"latency.batch_sizes must be a non-empty list of whole numbers >= 1, got {sizes!r}")

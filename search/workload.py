@@ -30,8 +30,15 @@ from strategies.inputs import Inputs, as_inputs, fingerprint_bytes
 logger = logging.getLogger(__name__)
 
 # Built-in names → the import paths they stand for (resolved like a user's, at run time).
-BUILTIN_MODELS = {"lenet5": "experiments.models:lenet5", "lenet300": "experiments.models:lenet300"}
-BUILTIN_DATASETS = {"fashion-mnist": "experiments.data:load_fashion_mnist"}
+BUILTIN_MODELS = {
+    "lenet5": "experiments.models:lenet5",
+    "lenet300": "experiments.models:lenet300",
+    "minilm": "experiments.text:minilm_classifier",
+}
+BUILTIN_DATASETS = {
+    "fashion-mnist": "experiments.data:load_fashion_mnist",
+    "rotten-tomatoes": "experiments.text:load_rotten_tomatoes",
+}
 
 
 @dataclass
@@ -60,15 +67,23 @@ def subset(split: Split, n: int | None, seed: int) -> Split:
     return Split(split.x[idx], split.y[idx])
 
 
+# How the baseline trains: SGD with momentum for the small CNNs and MLPs, AdamW for a
+# pretrained transformer's fine-tune (SGD at any one rate either stalls or breaks its features).
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass(frozen=True)
 class TrainingRecipe:
     epochs: int = 8
     lr: float = 0.05
     batch_size: int = 128
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"workload.training.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"workload.training.{key} must be >= 1, got {getattr(self, key)}")
@@ -161,12 +176,15 @@ def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 1000) ->
 def train_baseline(
     model: nn.Module, train: Split, val: Split, recipe: TrainingRecipe, seed: int, progress: Callable[[str], None]
 ) -> nn.Module:
-    """SGD with momentum and a cosine schedule: a plain, reproducible recipe."""
+    """SGD with momentum (or AdamW) and a cosine schedule: a plain, reproducible recipe."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
+    if recipe.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        )
     steps = recipe.epochs * math.ceil(len(train) / recipe.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for epoch in range(recipe.epochs):

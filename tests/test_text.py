@@ -1,0 +1,71 @@
+"""The text workload: review snippets read from the installed data file, MiniLM's tokenizer,
+and a BERT-style encoder classifier (a tiny random one here) through export and the artifact."""
+
+import bz2
+
+import pytest
+import torch
+
+from experiments.text import SEQUENCE_LENGTH, EncoderClassifier, load_rotten_tomatoes, read_snippets, tokenize
+from strategies.artifact import load_artifact
+from strategies.base import Context
+from strategies.inputs import NamedInputs
+from strategies.quantization import Quantization, QuantizationConfig
+from strategies.runtime import ARTIFACT_NAME, check_agreement, materialize
+from strategies.unstructured import UnstructuredPruning, UnstructuredPruningConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_bert_classifier() -> EncoderClassifier:
+    """A randomly initialised 2-layer BERT-style encoder with MiniLM's vocabulary."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    return EncoderClassifier(transformers.BertModel(config, add_pooling_layer=False)).eval()
+
+
+def test_snippets_drop_plots_and_duplicates_and_refuse_a_malformed_file(tmp_path):
+    path = tmp_path / "rt.csv.bz2"
+    rows = "category,text\nplot,a synopsis\nfresh,great fun\nrotten,dull\nfresh,great fun\n"
+    path.write_bytes(bz2.compress(rows.encode()))
+    assert read_snippets(path) == [("great fun", 1), ("dull", 0)]
+    bad = tmp_path / "bad.csv.bz2"
+    bad.write_bytes(b"not bz2 at all")
+    with pytest.raises(ValueError, match="not a readable bz2 CSV"):
+        read_snippets(bad)
+    empty = tmp_path / "empty.csv.bz2"
+    empty.write_bytes(bz2.compress(b"category,text\nplot,only synopses\n"))
+    with pytest.raises(ValueError, match="no rows with category fresh or rotten"):
+        read_snippets(empty)
+
+
+def test_the_installed_snippets_split_and_tokenize():
+    (train_x, train_y), (test_x, test_y) = load_rotten_tomatoes()
+    assert len(train_y) + len(test_y) == len(read_snippets()) > 12_000
+    assert len(test_y) == int(0.2 * (len(train_y) + len(test_y)))
+    assert train_x["input_ids"].shape == (len(train_y), SEQUENCE_LENGTH)
+    assert 0.5 < float(train_y.float().mean()) < 0.65  # about 58 % fresh
+    x = tokenize(["a gorgeous, witty film", "dull"])
+    assert x["attention_mask"].sum(1).tolist() == [7, 3]  # [CLS] a gorgeous , witty film [SEP]; the rest is padding
+    assert (x["input_ids"][x["attention_mask"] == 0] == 0).all()
+
+
+def test_an_encoder_classifier_exports_agrees_and_reloads_identically(tmp_path):
+    model = tiny_bert_classifier()
+    x = tokenize(["a gorgeous, witty film", "dull", "not as good as the book"] * 4)
+    ctx = Context(
+        example_inputs=x[:1], finetune_x=x, finetune_y=torch.zeros(len(x), dtype=torch.int64), calibration_x=x
+    )
+    model = UnstructuredPruning().apply(model, UnstructuredPruningConfig(sparsity=0.5), ctx)
+    model = Quantization().apply(model, QuantizationConfig(weight_bits=4), ctx)
+    deployable = materialize(model, tmp_path, example_inputs=x[:1])
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(deployable.predict(x), expected, atol=1e-4)
+    assert check_agreement(deployable.predict, model, x) == 0.0
+    reloaded = load_artifact(tmp_path / ARTIFACT_NAME, tiny_bert_classifier)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), expected)
+    assert isinstance(x, NamedInputs)
