@@ -109,11 +109,11 @@ def max_signed_weight_bits() -> int:
     return 8 if cpu_has_vnni() else 7
 
 
-def _dequantized(graph, initializers: dict, nodes: list, name: str, values, scale, zero_point) -> None:
+def _dequantized(graph, initializers: dict, nodes: list, name: str, values, scale, zero_point, axis: int = 0) -> None:
     """Replace initializer `name` by `values` behind a per-channel DequantizeLinear (appended to `nodes`)."""
     from onnx import helper, numpy_helper
 
-    graph.initializer.remove(initializers[name])
+    graph.initializer.remove(initializers.pop(name))
     graph.initializer.extend(
         [
             numpy_helper.from_array(values, f"{name}_codes"),
@@ -122,7 +122,16 @@ def _dequantized(graph, initializers: dict, nodes: list, name: str, values, scal
         ]
     )
     inputs = [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"]
-    nodes.append(helper.make_node("DequantizeLinear", inputs, [name], axis=0, name=f"{name}_dequantize"))
+    nodes.append(helper.make_node("DequantizeLinear", inputs, [name], axis=axis, name=f"{name}_dequantize"))
+
+
+def _matmul_weights(graph, initializers: dict) -> dict[bytes, str]:
+    """The initializers that are a MatMul's second input, by their bytes: a Linear layer applied
+    to a sequence (3-D input) exports as MatMul with its weight transposed, under no name of its own."""
+    from onnx import numpy_helper
+
+    names = {node.input[1] for node in graph.node if node.op_type == "MatMul" and node.input[1] in initializers}
+    return {numpy_helper.to_array(initializers[n]).tobytes(): n for n in names}
 
 
 def quantize_onnx_weights_(path: Path, model: nn.Module, max_signed_bits: int | None = None) -> int:
@@ -132,10 +141,12 @@ def quantize_onnx_weights_(path: Path, model: nn.Module, max_signed_bits: int | 
     codes behind a DequantizeLinear, and the bias as its int32 steps of input_scale ×
     weight_scale (which the simulation already rounds it to), so ORT fuses QLinearConv/QGemm
     on exactly those integers (left as float, ORT would quantize the weights itself,
-    differently). Codes up to `max_signed_bits` wide (default: `max_signed_weight_bits()`)
-    are stored as int8, wider ones as uint8 with zero-point 128: the same values either way.
-    Weight-only quantized layers keep float weights (exactly codes × scale), dequantized once
-    at load time rather than on every call. Returns the layers rewritten.
+    differently). A Linear layer on a sequence exports as MatMul with the weight transposed
+    and the bias in a float Add after it: there the codes go in transposed (per-column scales).
+    Codes up to `max_signed_bits` wide (default: `max_signed_weight_bits()`) are stored as int8,
+    wider ones as uint8 with zero-point 128: the same values either way. Weight-only quantized
+    layers keep float weights (exactly codes × scale), dequantized once at load time rather
+    than on every call. Returns the layers rewritten.
     """
     import onnx
 
@@ -143,20 +154,26 @@ def quantize_onnx_weights_(path: Path, model: nn.Module, max_signed_bits: int | 
     graph_model = onnx.load(str(path))
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
+    matmul = None
     nodes, layers = [], 0
     for name, module in weight_layers(model):
         state = quant_state(module)
         if state is None or state.input_scale is None:
             continue
-        if f"{name}.weight" not in initializers:
-            raise ExportError(f"the ONNX export has no initializer for {name}.weight to quantize")
-        layers += 1
         codes, scale = state.codes.cpu().numpy(), state.scale.cpu().numpy()
+        weight, axis = f"{name}.weight", 0
+        if weight not in initializers:
+            matmul = _matmul_weights(graph, initializers) if matmul is None else matmul
+            weight = matmul.get(module.weight.detach().cpu().numpy().T.tobytes())
+            if weight is None or weight not in initializers:
+                raise ExportError(f"the ONNX export has no initializer for {name}.weight to quantize")
+            codes, axis = codes.T, 1
+        layers += 1
         signed = state.bits <= signed_bits
         values, zero_point = (codes.astype(np.int8), 0) if signed else ((codes + 128).astype(np.uint8), 128)
         zero_points = np.full(len(scale), zero_point, values.dtype)
-        _dequantized(graph, initializers, nodes, f"{name}.weight", values, scale, zero_points)
-        if module.bias is not None and f"{name}.bias" in initializers:
+        _dequantized(graph, initializers, nodes, weight, np.ascontiguousarray(values), scale, zero_points, axis)
+        if axis == 0 and module.bias is not None and f"{name}.bias" in initializers:
             step = (state.input_scale * state.scale).cpu().numpy().astype(np.float32)
             steps = np.round(module.bias.detach().cpu().numpy() / step).astype(np.int32)
             _dequantized(graph, initializers, nodes, f"{name}.bias", steps, step, np.zeros(len(step), np.int32))

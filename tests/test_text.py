@@ -69,3 +69,28 @@ def test_an_encoder_classifier_exports_agrees_and_reloads_identically(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(x), expected)
     assert isinstance(x, NamedInputs)
+
+
+def test_int8_linear_layers_on_sequences_reach_the_runtime_as_the_trials_codes(tmp_path):
+    """Linear layers on a sequence export as MatMul with the weight transposed and unnamed: the
+    trial's codes still replace it, so ONNX Runtime runs its integer kernels on exactly those."""
+    import onnx
+    from onnx import numpy_helper
+
+    from strategies.base import weight_layers
+    from strategies.quantization import quant_state
+
+    x = tokenize(["a gorgeous, witty film", "dull", "not as good as the book"] * 4)
+    ctx = Context(
+        example_inputs=x[:1], finetune_x=x, finetune_y=torch.zeros(len(x), dtype=torch.int64), calibration_x=x
+    )
+    model = Quantization().apply(tiny_bert_classifier(), QuantizationConfig(weight_bits=8, activation_bits=8), ctx)
+    deployable = materialize(model, tmp_path, example_inputs=x[:1])
+    assert check_agreement(deployable.predict, model, x) == 0.0
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    stored = [numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("_codes") and i.data_type != 6]
+    layers = weight_layers(model)
+    assert len(stored) == len(layers) == 2 * 6 + 1  # six Linear layers per encoder layer, and the head
+    for _, module in layers:
+        codes = quant_state(module).codes.numpy()
+        assert any(s.shape == c.shape and (s == c).all() for s in stored for c in (codes, codes.T))
