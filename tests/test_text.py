@@ -6,24 +6,13 @@ import bz2
 import pytest
 import torch
 
-from experiments.text import SEQUENCE_LENGTH, EncoderClassifier, load_rotten_tomatoes, read_snippets, tokenize
+from experiments.text import SEQUENCE_LENGTH, load_rotten_tomatoes, read_snippets, tokenize
 from strategies.artifact import load_artifact
-from strategies.base import Context
 from strategies.inputs import NamedInputs
 from strategies.quantization import Quantization, QuantizationConfig
 from strategies.runtime import ARTIFACT_NAME, check_agreement, materialize
 from strategies.unstructured import UnstructuredPruning, UnstructuredPruningConfig
-
-transformers = pytest.importorskip("transformers")
-
-
-def tiny_bert_classifier() -> EncoderClassifier:
-    """A randomly initialised 2-layer BERT-style encoder with MiniLM's vocabulary."""
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-    )
-    return EncoderClassifier(transformers.BertModel(config, add_pooling_layer=False)).eval()
+from tests.helpers import text_context, texts, tiny_bert
 
 
 def test_snippets_drop_plots_and_duplicates_and_refuse_a_malformed_file(tmp_path):
@@ -53,11 +42,9 @@ def test_the_installed_snippets_split_and_tokenize():
 
 
 def test_an_encoder_classifier_exports_agrees_and_reloads_identically(tmp_path):
-    model = tiny_bert_classifier()
-    x = tokenize(["a gorgeous, witty film", "dull", "not as good as the book"] * 4)
-    ctx = Context(
-        example_inputs=x[:1], finetune_x=x, finetune_y=torch.zeros(len(x), dtype=torch.int64), calibration_x=x
-    )
+    model = tiny_bert()
+    x = texts()
+    ctx = text_context(x)
     model = UnstructuredPruning().apply(model, UnstructuredPruningConfig(sparsity=0.5), ctx)
     model = Quantization().apply(model, QuantizationConfig(weight_bits=4), ctx)
     deployable = materialize(model, tmp_path, example_inputs=x[:1])
@@ -65,7 +52,7 @@ def test_an_encoder_classifier_exports_agrees_and_reloads_identically(tmp_path):
         expected = model(x)
     assert torch.allclose(deployable.predict(x), expected, atol=1e-4)
     assert check_agreement(deployable.predict, model, x) == 0.0
-    reloaded = load_artifact(tmp_path / ARTIFACT_NAME, tiny_bert_classifier)
+    reloaded = load_artifact(tmp_path / ARTIFACT_NAME, tiny_bert)
     with torch.no_grad():
         assert torch.equal(reloaded(x), expected)
     assert isinstance(x, NamedInputs)
@@ -80,11 +67,9 @@ def test_int8_linear_layers_on_sequences_reach_the_runtime_as_the_trials_codes(t
     from strategies.base import weight_layers
     from strategies.quantization import quant_state
 
-    x = tokenize(["a gorgeous, witty film", "dull", "not as good as the book"] * 4)
-    ctx = Context(
-        example_inputs=x[:1], finetune_x=x, finetune_y=torch.zeros(len(x), dtype=torch.int64), calibration_x=x
-    )
-    model = Quantization().apply(tiny_bert_classifier(), QuantizationConfig(weight_bits=8, activation_bits=8), ctx)
+    x = texts()
+    ctx = text_context(x)
+    model = Quantization().apply(tiny_bert(), QuantizationConfig(weight_bits=8, activation_bits=8), ctx)
     deployable = materialize(model, tmp_path, example_inputs=x[:1])
     assert check_agreement(deployable.predict, model, x) == 0.0
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
