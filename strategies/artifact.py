@@ -193,6 +193,8 @@ def _fix_sizes_(module: nn.Module, groups: int | None) -> None:
         module.in_channels, module.out_channels = (first, second) if module.transposed else (second, first)
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
         module.num_features = module.running_mean.shape[0]
 

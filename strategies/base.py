@@ -27,8 +27,9 @@ class CompressionError(Exception):
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Conv2d/Linear layer: what the strategies prune, quantize and scan, by name."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Every Conv2d/Linear/Embedding layer: what the strategies prune, quantize and scan, by name.
+    (An embedding table is a weight like any other; half of a small encoder's bytes are one.)"""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]
 
 
 # ---------------------------------------------------------------------------- configs

@@ -245,7 +245,8 @@ def calibrate_inputs_(model: nn.Module, calibration_x: Inputs, batch_size: int) 
 
         return hook
 
-    layers = dict(weight_layers(model))
+    # an embedding's input is token ids: nothing to quantize there
+    layers = {name: m for name, m in weight_layers(model) if not isinstance(m, nn.Embedding)}
     handles = [m.register_forward_pre_hook(observer(name)) for name, m in layers.items()]
     try:
         with torch.no_grad():
@@ -274,7 +275,7 @@ def round_bias_to_accumulator_(model: nn.Module) -> None:
     predictions in ONNX Runtime (up to 0.8 % in searches, past the 0.5 % limit); rounded, none.
     """
     for _, module in weight_layers(model):
-        if module.bias is None or not (hasattr(module, "input_scale") and hasattr(module, "weight_scale")):
+        if getattr(module, "bias", None) is None or not (hasattr(module, "input_scale") and hasattr(module, "weight_scale")):
             continue
         step = module.input_scale * module.weight_scale
         with torch.no_grad():
@@ -375,7 +376,7 @@ class Quantization(Strategy):
 
     @staticmethod
     def training_simulation(config: QuantizationConfig) -> Callable[[nn.Module], contextlib.AbstractContextManager]:
-        """f(model) → a context in which Conv2d/Linear weights are fake-quantized (STE).
+        """f(model) → a context in which layer weights are fake-quantized (STE).
 
         The Parameters the optimizer holds stay the float ones: on exit they are left as
         trained, and the final quantization happens in `apply`.

@@ -36,8 +36,8 @@ class StructuredPruningConfig(StrategyConfig):
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
-    """Each Conv/Linear layer's output width (channels or features), by name."""
-    return {name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for name, m in weight_layers(model)}
+    """Each weight layer's output width (channels, features, embedding dims), by name."""
+    return {name: m.weight.shape[1 if isinstance(m, nn.Embedding) else 0] for name, m in weight_layers(model)}
 
 
 def _forward(model: nn.Module, x: Inputs) -> torch.Tensor:

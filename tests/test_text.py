@@ -74,8 +74,11 @@ def test_int8_linear_layers_on_sequences_reach_the_runtime_as_the_trials_codes(t
     assert check_agreement(deployable.predict, model, x) == 0.0
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     stored = [numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("_codes") and i.data_type != 6]
-    layers = weight_layers(model)
+    layers = [(n, m) for n, m in weight_layers(model) if isinstance(m, torch.nn.Linear)]
     assert len(stored) == len(layers) == 2 * 6 + 1  # six Linear layers per encoder layer, and the head
+    # the embedding tables are quantized too, weight-only: their float values are exactly codes × scale
+    embeddings = [m for _, m in weight_layers(model) if isinstance(m, torch.nn.Embedding)]
+    assert len(embeddings) == 3 and all(quant_state(m).bits == 8 for m in embeddings)
     for _, module in layers:
         codes = quant_state(module).codes.numpy()
         assert any(s.shape == c.shape and (s == c).all() for s in stored for c in (codes, codes.T))
