@@ -20,7 +20,7 @@ from torch import nn
 
 from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
 from strategies.inputs import Inputs
-from strategies.space import TOP, Anchor, FloatParam, IntParam
+from strategies.space import TOP, Anchor, ChoiceParam, FloatParam, IntParam
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +33,20 @@ class DistillationDiverged(DistillationError):
     pass
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass(frozen=True)
 class DistillationConfig(StrategyConfig):
     epochs: int = 0
     temperature: float = 4.0
     alpha: float = 0.7
     lr: float = 1e-3
+    optimizer: str = "sgd"  # or "adamw", which a pretrained transformer's fine-tune needs
 
     def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"distillation.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"distillation.epochs must be a whole number >= 0, got {self.epochs!r}")
         if not (
@@ -95,7 +101,10 @@ def distill_(
     # The weight Parameters themselves: inside `fake_quant`, `module.weight` is computed from them.
     weights = [m.weight for _, m in weight_layers(model)]
     masks = _zero_masks(weights)  # pruned weights must stay pruned
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     steps = config.epochs * math.ceil(len(x) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
     generator = torch.Generator().manual_seed(seed)
@@ -153,7 +162,9 @@ class Distillation(Strategy):
         "distillation.temperature": FloatParam(1.0, 20.0),
         "distillation.alpha": FloatParam(0.0, 1.0),
         "distillation.lr": FloatParam(1e-5, 1e-1, log=True),
+        "distillation.optimizer": ChoiceParam(OPTIMIZERS, off="sgd"),
     }
+    unlisted_space = {"distillation.optimizer": ChoiceParam(("sgd",), off="sgd")}
     anchors = (
         Anchor("student-half", {"pruning.structured_ratio": 0.5, **_FINETUNE}, rank=5),
         # The narrowest student the space allows: the fastest, smallest end of structured
@@ -165,8 +176,11 @@ class Distillation(Strategy):
         epochs = self._suggest(trial, "distillation.epochs")
         if epochs == 0:  # the rest only matters when fine-tuning happens
             return DistillationConfig(epochs=0)
-        values = {key.split(".")[1]: self._suggest(trial, key) for key in list(self.default_space)[1:]}
-        return DistillationConfig(epochs=epochs, **values)
+        keys = ("distillation.temperature", "distillation.alpha", "distillation.lr")
+        values = {key.split(".")[1]: self._suggest(trial, key) for key in keys}
+        return DistillationConfig(
+            epochs=epochs, optimizer=self.suggest_option(trial, "distillation.optimizer"), **values
+        )
 
     def is_active(self, config: DistillationConfig) -> bool:
         return config.epochs > 0

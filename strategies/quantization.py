@@ -275,7 +275,9 @@ def round_bias_to_accumulator_(model: nn.Module) -> None:
     predictions in ONNX Runtime (up to 0.8 % in searches, past the 0.5 % limit); rounded, none.
     """
     for _, module in weight_layers(model):
-        if getattr(module, "bias", None) is None or not (hasattr(module, "input_scale") and hasattr(module, "weight_scale")):
+        if getattr(module, "bias", None) is None or not (
+            hasattr(module, "input_scale") and hasattr(module, "weight_scale")
+        ):
             continue
         step = module.input_scale * module.weight_scale
         with torch.no_grad():
