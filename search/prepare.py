@@ -142,6 +142,7 @@ def _workload(config: Config, run_dir: Path, fresh: bool, progress: Callable[[st
         return build_workload(
             **section,
             seed=config.seed,
+            device=config.search.device,
             progress=progress,
             # Every input error is reported before a refusal of the run directory.
             inputs_checked=(lambda: None) if fresh else (lambda: rundir.check_run_dir(config, run_dir)),
@@ -192,6 +193,7 @@ def _contexts(
         teacher_logits=batched(teacher, finetune_x),  # once per study, reused by every trial
         seed=config.seed,
         batch_size=s.batch_size,
+        device=s.device,
         report=_progress_of_trial,
     )
     for strategy in strategies:  # deterministic, so every process of a study computes the same scans

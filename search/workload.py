@@ -164,20 +164,29 @@ def _load_dataset(dataset: str, data_dir: str | None) -> tuple[Split, Split, str
     return train, test, identity
 
 
-def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
+def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 1000, device: str = "cpu") -> float:
     model.eval()
     correct = 0
     with torch.no_grad():
         for i in range(0, len(split), batch_size):
-            correct += (model(split.x[i : i + batch_size]).argmax(1) == split.y[i : i + batch_size]).sum().item()
+            predicted = model(split.x[i : i + batch_size].to(device)).argmax(1).cpu()
+            correct += (predicted == split.y[i : i + batch_size]).sum().item()
     return correct / max(1, len(split))
 
 
 def train_baseline(
-    model: nn.Module, train: Split, val: Split, recipe: TrainingRecipe, seed: int, progress: Callable[[str], None]
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    recipe: TrainingRecipe,
+    seed: int,
+    progress: Callable[[str], None],
+    device: str = "cpu",
 ) -> nn.Module:
-    """SGD with momentum (or AdamW) and a cosine schedule: a plain, reproducible recipe."""
+    """SGD with momentum (or AdamW) and a cosine schedule: a plain, reproducible recipe, on
+    `device`; the model comes back on the CPU."""
     torch.manual_seed(seed)
+    model.to(device)
     generator = torch.Generator().manual_seed(seed)
     if recipe.optimizer == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -193,17 +202,17 @@ def train_baseline(
         total = 0.0
         for i in range(0, len(train), recipe.batch_size):
             idx = order[i : i + recipe.batch_size]
-            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            loss = F.cross_entropy(model(train.x[idx].to(device)), train.y[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total += loss.item() * len(idx)
-        accuracy = evaluate_accuracy(model, val)
+        accuracy = evaluate_accuracy(model, val, device=device)
         progress(
             f"baseline epoch {epoch + 1}/{recipe.epochs}: loss {total / len(train):.4f}, val accuracy {accuracy:.4f}"
         )
-    return model.eval()
+    return model.to("cpu").eval()
 
 
 def cache_dir_default() -> Path:
@@ -247,15 +256,16 @@ def _cached_or_trained_(
     recipe: TrainingRecipe,
     seed: int,
     progress: Callable[[str], None],
+    device: str = "cpu",
 ) -> None:
-    """Load the baseline's cached weights into `net`, or train it and cache them."""
+    """Load the baseline's cached weights into `net`, or train it (on `device`) and cache them."""
     path = cache_dir / "baselines" / f"{fingerprint}.pt"
     if path.exists():
         progress(f"baseline {model}: loading cached weights {path}")
         load_state_dict(path, net, "cached baseline")
         return
     progress(f"baseline {model}: training {recipe.epochs} epochs on {len(data[0])} samples (cached afterwards)")
-    train_baseline(net, *data, recipe, seed, progress)
+    train_baseline(net, *data, recipe, seed, progress, device)
     _save_atomically(net.state_dict(), path)
 
 
@@ -286,6 +296,7 @@ def build_workload(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     inputs_checked: Callable[[], None] | None = None,
+    device: str = "cpu",
 ) -> Workload:
     """The dataset splits and the trained baseline (trained once, then cached by fingerprint).
 
@@ -325,7 +336,7 @@ def build_workload(
     )
     if not checkpoint:
         _cached_or_trained_(
-            net, fingerprint, cache_dir or cache_dir_default(), model, (train, val), recipe, seed, progress
+            net, fingerprint, cache_dir or cache_dir_default(), model, (train, val), recipe, seed, progress, device
         )
     net.eval()
     name = model.rsplit(":", 1)[-1]

@@ -68,6 +68,7 @@ class Context:
     teacher_logits: torch.Tensor | None = None
     seed: int = 0
     batch_size: int = 128
+    device: str = "cpu"  # where fine-tuning runs; the compressed model is returned on the CPU
     # report(message) logs progress of long steps, e.g. each fine-tune epoch.
     report: Callable[[str], None] = field(default=lambda message: None)
     # Called as after_epoch(model, epoch) after each fine-tune epoch, with the model in eval

@@ -67,6 +67,9 @@ class NamedInputs:
     def clone(self) -> NamedInputs:
         return NamedInputs({name: t.clone() for name, t in self.tensors.items()})
 
+    def to(self, device: str | torch.device) -> NamedInputs:
+        return NamedInputs({name: t.to(device) for name, t in self.tensors.items()})
+
     def numpy(self) -> dict[str, np.ndarray]:
         return {name: t.detach().cpu().numpy() for name, t in self.tensors.items()}
 

@@ -17,15 +17,12 @@ function, so deepcopy and pickling keep it. BatchNorm is folded first, so the qu
 weights are the ones that really run.
 
 Mixed precision (searched when the search space lists `quantization.mixed_precision`):
-`weight_bits` is then the average width over the weights, and each layer gets its own width.
-A sensitivity scan, once per study, measures how far quantizing each layer alone moves the
-uncompressed model's outputs (`strategies.sensitivity`); after pruning, the trial's bit budget
-is spent where it buys the most of that back (`before_finetune`, once pruning is done).
-The per-layer widths travel in the resolved config (`layer_bits`, which `pipeline.compress`
-returns) and, once applied, as each layer's `weight_bits` buffer, which the artifact reads.
+`weight_bits` is then the average width over the weights, and each layer gets its own width,
+spent after pruning where a once-per-study sensitivity scan (`strategies.sensitivity`) says it
+buys the most back. The widths travel in the resolved config (`layer_bits`, which
+`pipeline.compress` returns) and, once applied, as each layer's `weight_bits` buffer.
 
-Weight sharing (`quantization.scheme: codebook`, when listed): 2^b trained centroids per layer
-instead of a uniform grid, for weights only (`strategies.codebook`).
+Weight sharing (`quantization.scheme: codebook`): 2^b trained centroids per layer, weights only.
 """
 
 from __future__ import annotations
