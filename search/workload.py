@@ -67,8 +67,8 @@ def subset(split: Split, n: int | None, seed: int) -> Split:
     return Split(split.x[idx], split.y[idx])
 
 
-# How the baseline trains: SGD with momentum for the small CNNs and MLPs, AdamW for a
-# pretrained transformer's fine-tune (SGD at any one rate either stalls or breaks its features).
+# How the baseline trains: SGD with momentum for the small CNNs and MLPs, AdamW for the
+# fine-tune of a pretrained transformer (the usual recipe for BERT-style encoders).
 OPTIMIZERS = ("sgd", "adamw")
 
 

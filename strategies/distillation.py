@@ -42,7 +42,7 @@ class DistillationConfig(StrategyConfig):
     temperature: float = 4.0
     alpha: float = 0.7
     lr: float = 1e-3
-    optimizer: str = "sgd"  # or "adamw", which a pretrained transformer's fine-tune needs
+    optimizer: str = "sgd"  # or "adamw", the usual one for a pretrained transformer
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
