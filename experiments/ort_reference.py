@@ -82,7 +82,7 @@ def compare(prepared: Prepared, out_dir: Path, repeats: int = 300) -> dict[str, 
     }
     rows["int8 anchor"]["trial"] = number
     for batch_size in lat.batch_sizes:
-        batch = latency_batch(prepared.workload.example_inputs, batch_size)
+        batch = latency_batch(prepared.workload.example_inputs, batch_size, prepared.config.latency.sequence_length)
         runners = [lambda b, s=s: s.run(None, {"input": b}) for s in sessions.values()]
         stats = time_interleaved(runners, batch, warmup=10, repeats=repeats)
         for name, stat in zip(sessions, stats, strict=True):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from objectives.base import Candidate, EvalContext, Objective, ObjectiveError
 
 
-def top1_accuracy(
-    predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
-) -> float:
+def top1_accuracy(predict: Callable[[Any], torch.Tensor], x: Any, y: torch.Tensor, batch_size: int = 1000) -> float:
     if len(x) == 0:
         raise ObjectiveError("accuracy needs at least one sample")
     correct = 0

@@ -12,11 +12,14 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Literal, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Union
 
 import numpy as np
 import torch
 from torch import nn
+
+# One batch as a runner takes it: a float32 array, or arrays by input name.
+Batch = Union[np.ndarray, Mapping[str, np.ndarray]]
 
 
 class ObjectiveError(Exception):
@@ -27,14 +30,16 @@ class Candidate(Protocol):
     """A compressed model in its deployable form: anything with these attributes.
 
     - `artifact_path`: the packed weights file as stored.
-    - `run`: runs one batch on the runtime (what latency times). Takes a float32 numpy array.
-    - `predict`: logits for a batch of inputs, as the runtime computes them.
+    - `run`: runs one batch on the runtime (what latency times). Takes a float32 numpy array, or
+      for a model with named inputs (token ids, masks), numpy arrays by name.
+    - `predict`: logits for a batch of inputs, as the runtime computes them. The inputs are a
+      tensor or named tensors that index and count like one (``x[i:j]``, ``len(x)``).
     - `model`: the PyTorch module, for parameter and MAC counts.
     """
 
     artifact_path: Path
-    run: Callable[[np.ndarray], object]
-    predict: Callable[[torch.Tensor], torch.Tensor]
+    run: Callable[[Batch], object]
+    predict: Callable[[Any], torch.Tensor]
     model: nn.Module | None
 
 
@@ -48,8 +53,13 @@ class LatencySettings:
     warmup: int = 10
     repeats: int = 50
     max_spread: float = 0.15
+    # Named inputs (token ids, masks) are timed at this many tokens; None: the example's own length.
+    sequence_length: int | None = None
 
     def __post_init__(self) -> None:
+        length = self.sequence_length
+        if length is not None and (not _whole(length) or length < 1):
+            raise ValueError(f"latency.sequence_length must be a whole number >= 1 or null, got {length!r}")
         sizes = self.batch_sizes
         if not isinstance(sizes, tuple) or not sizes or not all(_whole(b) and b >= 1 for b in sizes):
             raise ValueError(f"latency.batch_sizes must be a non-empty list of whole numbers >= 1, got {sizes!r}")
@@ -77,14 +87,14 @@ def _whole(value: object) -> bool:
 class EvalContext:
     """What objectives need besides the candidate. Built once per study."""
 
-    val_x: torch.Tensor
+    val_x: Any  # a tensor, or named tensors that index and count like one
     val_y: torch.Tensor
-    example_inputs: torch.Tensor
+    example_inputs: Any
     latency: LatencySettings = field(default_factory=LatencySettings)
     eval_batch_size: int = 1000
     # The baseline's runner. Latency times it interleaved with the candidate's, so that
     # `speedup` is a same-run ratio that machine-wide slowdowns affect equally.
-    reference_run: Callable[[np.ndarray], object] | None = None
+    reference_run: Callable[[Batch], object] | None = None
 
 
 class Objective(ABC):

@@ -14,9 +14,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from objectives.base import Candidate, EvalContext, Objective, ObjectiveError, finite
+from objectives.base import Batch, Candidate, EvalContext, Objective, ObjectiveError, finite
 
-Runner = Callable[[np.ndarray], object]
+Runner = Callable[[Batch], object]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def _stats(times_ms: np.ndarray) -> LatencyStats:
     return LatencyStats(float(median), float(p10), float(p90), len(times_ms))
 
 
-def time_interleaved(runs: Sequence[Runner], batch: np.ndarray, warmup: int, repeats: int) -> list[LatencyStats]:
+def time_interleaved(runs: Sequence[Runner], batch: Batch, warmup: int, repeats: int) -> list[LatencyStats]:
     """Time several runners on one batch, alternating them call by call."""
     for run in runs:
         for _ in range(warmup):
@@ -56,10 +56,24 @@ def time_interleaved(runs: Sequence[Runner], batch: np.ndarray, warmup: int, rep
     return [_stats(row) for row in times]
 
 
-def latency_batch(example_inputs, batch_size: int) -> np.ndarray:
-    """A fixed random batch with the example's per-sample shape (contents do not change timing)."""
+def latency_batch(example_inputs, batch_size: int, sequence_length: int | None = None) -> Batch:
+    """A fixed batch of `batch_size` samples shaped like the example: random values for one float
+    tensor (contents do not change timing); for named inputs, the example repeated (random token
+    ids or masks would not be valid inputs), cut or zero-padded to `sequence_length` tokens."""
+    if hasattr(example_inputs, "keys"):
+        rows = example_inputs[[0] * batch_size].numpy()
+        return {name: _to_length(array, sequence_length) for name, array in rows.items()}
     shape = (batch_size, *tuple(example_inputs.shape[1:]))
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def _to_length(array: np.ndarray, length: int | None) -> np.ndarray:
+    if length is None or array.ndim < 2 or array.shape[1] == length:
+        return array
+    if array.shape[1] > length:
+        return np.ascontiguousarray(array[:, :length])
+    padding = [(0, 0), (0, length - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, padding)
 
 
 def metric_suffix(index: int, batch_size: int) -> str:
@@ -104,7 +118,7 @@ class LatencyMs(Objective):
         """The candidate, and the baseline's runner if the context has one, timed in alternation."""
         settings = context.latency
         runs = [candidate.run] + ([context.reference_run] if context.reference_run else [])
-        batch = latency_batch(context.example_inputs, batch_size)
+        batch = latency_batch(context.example_inputs, batch_size, settings.sequence_length)
         stats = time_interleaved(runs, batch, settings.warmup, settings.repeats)
         finite(self.name, stats[0].median_ms)
         return stats

@@ -79,6 +79,7 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
         "default: the run directory's journal file",
     )
     p.add_argument("--tracking-uri", help="MLflow tracking server or database (default: the run directory's mlflow.db)")
+    p.add_argument("--device", help="where training and fine-tuning run: cpu, cuda, cuda:N (overrides search.device)")
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, int, Path]:
@@ -87,6 +88,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, int, Path]:
     overrides = list(args.set or [])
     if args.data_dir:
         overrides.append(f"workload.data_dir={args.data_dir}")
+    if args.device:
+        overrides.append(f"search.device={args.device}")
     config = load_config(args.config, overrides)
     n_trials = args.n_trials if args.n_trials is not None else config.search.n_trials
     if n_trials < 0:

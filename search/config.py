@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 import yaml
 
 from objectives.base import LatencySettings
@@ -67,6 +68,9 @@ class SearchSection:
     # finish_front, every Pareto finalist is.
     finish_epochs: int = 0
     finish_front: bool = False
+    # Where training and fine-tuning run: cpu, or cuda (cuda:N) when a GPU is there. Latency is
+    # always timed on the deployment runtime (latency.runtime), never on this device.
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,13 @@ def _positive(key: str, value: int | None, minimum: int = 1) -> None:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
 
 
+def _check_device(device: Any) -> None:
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"search.device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"search.device is {device!r}, but torch finds no CUDA GPU on this machine; use 'cpu'")
+
+
 def _validate(config: Config) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", config.name):
         raise ConfigError(f"name must be 1-100 letters, digits, '_', '.' or '-', got {config.name!r}")
@@ -210,6 +221,7 @@ def _validate(config: Config) -> None:
     if not s.trial_timeout >= 0:
         raise ConfigError(f"search.trial_timeout must be >= 0 seconds (0: no limit), got {s.trial_timeout}")
     _choice("search.sampler", s.sampler, SAMPLER_NAMES)
+    _check_device(s.device)
     for name in s.objectives:
         if name not in OBJECTIVES:
             raise ConfigError(f"search.objectives must be drawn from {list(OBJECTIVES)}, got {name!r}")

@@ -33,6 +33,7 @@ from search.tracking import Tracker
 from search.workload import Workload, build_workload
 from strategies.artifact import size_breakdown
 from strategies.base import Context, Strategy
+from strategies.inputs import Inputs
 from strategies.registry import build_strategies
 from strategies.runtime import Deployable, materialize
 
@@ -75,7 +76,7 @@ class Prepared:
 # ------------------------------------------------------------ deploy and measure
 
 
-def batched(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def batched(model: torch.nn.Module, x: Inputs, batch_size: int = 1000) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
@@ -92,7 +93,7 @@ def deploy(config: Config, workload: Workload, model: torch.nn.Module, out_dir: 
 
 
 def measure(
-    deployable: Deployable, objectives: Sequence[Objective], eval_context: EvalContext, example: torch.Tensor
+    deployable: Deployable, objectives: Sequence[Objective], eval_context: EvalContext, example: Inputs
 ) -> dict[str, float]:
     """Every objective's figures on the deployed model, with its parameter and MAC counts and
     where the bytes of its packed file go (``size_codes_bytes``, ``size_indices_bytes``, ...)."""
@@ -141,6 +142,7 @@ def _workload(config: Config, run_dir: Path, fresh: bool, progress: Callable[[st
         return build_workload(
             **section,
             seed=config.seed,
+            device=config.search.device,
             progress=progress,
             # Every input error is reported before a refusal of the run directory.
             inputs_checked=(lambda: None) if fresh else (lambda: rundir.check_run_dir(config, run_dir)),
@@ -191,6 +193,7 @@ def _contexts(
         teacher_logits=batched(teacher, finetune_x),  # once per study, reused by every trial
         seed=config.seed,
         batch_size=s.batch_size,
+        device=s.device,
         report=_progress_of_trial,
     )
     for strategy in strategies:  # deterministic, so every process of a study computes the same scans

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from objectives.latency import latency_batch, metric_suffix, time_interleaved
 from search.rundir import baseline_dir, load_run_config, trial_dir
 from search.storage import open_study
+from strategies.inputs import runtime_feed
 from strategies.runtime import ONNX_NAME, ort_session
 
 
@@ -43,9 +44,9 @@ def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) 
             recorded = trial.user_attrs.get(f"speedup{suffix}")
             if recorded is None:
                 continue
-            batch = latency_batch(example, batch_size)
+            batch = latency_batch(example, batch_size, lat.sequence_length)
             mine, base = time_interleaved(
-                [lambda b, s=session: s.run(None, {"input": b}), lambda b: baseline.run(None, {"input": b})],
+                [lambda b, s=session: s.run(None, runtime_feed(b)), lambda b: baseline.run(None, runtime_feed(b))],
                 batch,
                 lat.warmup,
                 repeats,

@@ -25,16 +25,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strategies.inputs import Inputs, as_inputs, fingerprint_bytes
+
 logger = logging.getLogger(__name__)
 
 # Built-in names → the import paths they stand for (resolved like a user's, at run time).
-BUILTIN_MODELS = {"lenet5": "experiments.models:lenet5", "lenet300": "experiments.models:lenet300"}
-BUILTIN_DATASETS = {"fashion-mnist": "experiments.data:load_fashion_mnist"}
+BUILTIN_MODELS = {
+    "lenet5": "experiments.models:lenet5",
+    "lenet300": "experiments.models:lenet300",
+    "minilm": "experiments.text:minilm_classifier",
+}
+BUILTIN_DATASETS = {
+    "fashion-mnist": "experiments.data:load_fashion_mnist",
+    "rotten-tomatoes": "experiments.text:load_rotten_tomatoes",
+}
 
 
 @dataclass
 class Split:
-    x: torch.Tensor
+    x: Inputs  # one float tensor, or named tensors (token ids, masks) sharing the batch axis
     y: torch.Tensor
 
     def __len__(self) -> int:
@@ -58,15 +67,23 @@ def subset(split: Split, n: int | None, seed: int) -> Split:
     return Split(split.x[idx], split.y[idx])
 
 
+# How the baseline trains: SGD with momentum for the small CNNs and MLPs, AdamW for the
+# fine-tune of a pretrained transformer (the usual recipe for BERT-style encoders).
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass(frozen=True)
 class TrainingRecipe:
     epochs: int = 8
     lr: float = 0.05
     batch_size: int = 128
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"workload.training.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"workload.training.{key} must be >= 1, got {getattr(self, key)}")
@@ -124,11 +141,17 @@ def model_factory(model: str) -> Callable[[], nn.Module]:
 
 
 def _as_split(value: Any, what: str) -> Split:
+    """A split from `.x/.y` or an (x, y) pair; x is a float tensor or a mapping of named tensors."""
     if hasattr(value, "x") and hasattr(value, "y"):
-        return Split(torch.as_tensor(value.x, dtype=torch.float32), torch.as_tensor(value.y, dtype=torch.int64))
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return Split(torch.as_tensor(value[0], dtype=torch.float32), torch.as_tensor(value[1], dtype=torch.int64))
-    raise ValueError(f"{what} must return (train, test) splits, each with .x/.y or an (x, y) pair")
+        x, y = value.x, value.y
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        x, y = value
+    else:
+        raise ValueError(f"{what} must return (train, test) splits, each with .x/.y or an (x, y) pair")
+    split = Split(as_inputs(x, what), torch.as_tensor(y, dtype=torch.int64))
+    if len(split.x) != len(split.y):
+        raise ValueError(f"{what}: a split has {len(split.x)} inputs but {len(split.y)} labels")
+    return split
 
 
 def _load_dataset(dataset: str, data_dir: str | None) -> tuple[Split, Split, str]:
@@ -137,28 +160,40 @@ def _load_dataset(dataset: str, data_dir: str | None) -> tuple[Split, Split, str
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise ValueError("workload.dataset must return a (train, test) pair")
     train, test = (_as_split(s, "workload.dataset") for s in result)
-    identity = hashlib.sha256(train.x.numpy().tobytes()[: 1 << 20] + train.y.numpy().tobytes()).hexdigest()
+    identity = hashlib.sha256(fingerprint_bytes(train.x) + train.y.numpy().tobytes()).hexdigest()
     return train, test, identity
 
 
-def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
+def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 1000, device: str = "cpu") -> float:
     model.eval()
     correct = 0
     with torch.no_grad():
         for i in range(0, len(split), batch_size):
-            correct += (model(split.x[i : i + batch_size]).argmax(1) == split.y[i : i + batch_size]).sum().item()
+            predicted = model(split.x[i : i + batch_size].to(device)).argmax(1).cpu()
+            correct += (predicted == split.y[i : i + batch_size]).sum().item()
     return correct / max(1, len(split))
 
 
 def train_baseline(
-    model: nn.Module, train: Split, val: Split, recipe: TrainingRecipe, seed: int, progress: Callable[[str], None]
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    recipe: TrainingRecipe,
+    seed: int,
+    progress: Callable[[str], None],
+    device: str = "cpu",
 ) -> nn.Module:
-    """SGD with momentum and a cosine schedule: a plain, reproducible recipe."""
+    """SGD with momentum (or AdamW) and a cosine schedule: a plain, reproducible recipe, on
+    `device`; the model comes back on the CPU."""
     torch.manual_seed(seed)
+    model.to(device)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
+    if recipe.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        )
     steps = recipe.epochs * math.ceil(len(train) / recipe.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for epoch in range(recipe.epochs):
@@ -167,17 +202,17 @@ def train_baseline(
         total = 0.0
         for i in range(0, len(train), recipe.batch_size):
             idx = order[i : i + recipe.batch_size]
-            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            loss = F.cross_entropy(model(train.x[idx].to(device)), train.y[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total += loss.item() * len(idx)
-        accuracy = evaluate_accuracy(model, val)
+        accuracy = evaluate_accuracy(model, val, device=device)
         progress(
             f"baseline epoch {epoch + 1}/{recipe.epochs}: loss {total / len(train):.4f}, val accuracy {accuracy:.4f}"
         )
-    return model.eval()
+    return model.to("cpu").eval()
 
 
 def cache_dir_default() -> Path:
@@ -221,15 +256,16 @@ def _cached_or_trained_(
     recipe: TrainingRecipe,
     seed: int,
     progress: Callable[[str], None],
+    device: str = "cpu",
 ) -> None:
-    """Load the baseline's cached weights into `net`, or train it and cache them."""
+    """Load the baseline's cached weights into `net`, or train it (on `device`) and cache them."""
     path = cache_dir / "baselines" / f"{fingerprint}.pt"
     if path.exists():
         progress(f"baseline {model}: loading cached weights {path}")
         load_state_dict(path, net, "cached baseline")
         return
     progress(f"baseline {model}: training {recipe.epochs} epochs on {len(data[0])} samples (cached afterwards)")
-    train_baseline(net, *data, recipe, seed, progress)
+    train_baseline(net, *data, recipe, seed, progress, device)
     _save_atomically(net.state_dict(), path)
 
 
@@ -260,6 +296,7 @@ def build_workload(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     inputs_checked: Callable[[], None] | None = None,
+    device: str = "cpu",
 ) -> Workload:
     """The dataset splits and the trained baseline (trained once, then cached by fingerprint).
 
@@ -299,7 +336,7 @@ def build_workload(
     )
     if not checkpoint:
         _cached_or_trained_(
-            net, fingerprint, cache_dir or cache_dir_default(), model, (train, val), recipe, seed, progress
+            net, fingerprint, cache_dir or cache_dir_default(), model, (train, val), recipe, seed, progress, device
         )
     net.eval()
     name = model.rsplit(":", 1)[-1]

@@ -25,7 +25,8 @@ is smallest for it, entropy-coded where that pays:
 
 The JSON header holds ``tensors`` (each state-dict tensor in order: ``name, shape, dtype, layout,
 encoding``, its [index, values] byte ``lengths``, ``bits`` if quantized, ``nnz`` unless dense, the
-coders' parameters), ``identity`` (folded BatchNorms), ``conv_groups`` and the payload's ``crc32``.
+coders' parameters), ``identity`` (folded BatchNorms), ``conv_groups``, ``module_lists`` (the
+length of each stack of layers, shorter where layers were removed) and the payload's ``crc32``.
 -0.0 is stored as +0.0, which computes the same (a mask product leaves -0.0 for negative weights).
 Entropy coding is constriction's ANS coder (32-bit little-endian words) with a categorical model
 built from a table ``[lo, count(lo), count(lo + 1), ...]`` of integer counts, so writer and reader
@@ -90,6 +91,7 @@ def encode_model(model: nn.Module, entropy_coded: bool = True) -> bytes:
         "tensors": entries,
         "identity": [name for name, m in modules.items() if name and isinstance(m, nn.Identity)],
         "conv_groups": {name: m.groups for name, m in modules.items() if isinstance(m, nn.modules.conv._ConvNd)},
+        "module_lists": {name: len(m) for name, m in modules.items() if isinstance(m, nn.ModuleList)},
         "crc32": zlib.crc32(payload),
     }
     packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
@@ -191,6 +193,8 @@ def _fix_sizes_(module: nn.Module, groups: int | None) -> None:
         module.in_channels, module.out_channels = (first, second) if module.transposed else (second, first)
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
         module.num_features = module.running_mean.shape[0]
 
@@ -206,6 +210,11 @@ def load_artifact(path: str | Path, factory: Callable[[], nn.Module]) -> nn.Modu
         raise ValueError(f"{path} is corrupt: {type(error).__name__}: {error}") from None
     model = factory()
     try:
+        for name, length in header.get("module_lists", {}).items():  # layers removed from a stack
+            stack = model.get_submodule(name)
+            if not isinstance(stack, nn.ModuleList) or len(stack) < length:
+                raise TypeError(f"{name} is not a stack of at least {length} modules")
+            del stack[length:]
         for name in header["identity"]:
             set_submodule_(model, name, nn.Identity())
         modules = dict(model.named_modules())

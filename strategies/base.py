@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
+from strategies.inputs import Inputs
 from strategies.space import Anchor, Param
 
 
@@ -26,8 +27,9 @@ class CompressionError(Exception):
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Conv2d/Linear layer: what the strategies prune, quantize and scan, by name."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Every Conv2d/Linear/Embedding layer: what the strategies prune, quantize and scan, by name.
+    (An embedding table is a weight like any other; half of a small encoder's bytes are one.)"""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]
 
 
 # ---------------------------------------------------------------------------- configs
@@ -58,14 +60,15 @@ class Context:
     uncompressed teacher's output for `finetune_x[i]`, computed once per study.
     """
 
-    example_inputs: torch.Tensor
-    finetune_x: torch.Tensor
+    example_inputs: Inputs
+    finetune_x: Inputs
     finetune_y: torch.Tensor
-    calibration_x: torch.Tensor
+    calibration_x: Inputs
     teacher: nn.Module | None = None
     teacher_logits: torch.Tensor | None = None
     seed: int = 0
     batch_size: int = 128
+    device: str = "cpu"  # where fine-tuning runs; the compressed model is returned on the CPU
     # report(message) logs progress of long steps, e.g. each fine-tune epoch.
     report: Callable[[str], None] = field(default=lambda message: None)
     # Called as after_epoch(model, epoch) after each fine-tune epoch, with the model in eval
@@ -164,7 +167,7 @@ class Strategy(ABC):
         trial's record; else nothing."""
         return {}
 
-    def sensitivity(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> dict | None:
+    def sensitivity(self, model: nn.Module, x: Inputs, batch_size: int) -> dict | None:
         """The per-layer scan this search space needs, once per study (strategies.sensitivity),
         or None."""
         return None

@@ -129,7 +129,7 @@ def _simulate(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def cluster_model_(model: nn.Module, bits_of: Callable[[str], int]) -> None:
-    """Cluster every Conv2d/Linear layer not clustered yet to `bits_of(layer name)` bits."""
+    """Cluster every weight layer not clustered yet to `bits_of(layer name)` bits."""
     for name, module in weight_layers(model):
         if is_clustered(module):
             continue

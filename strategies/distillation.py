@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
-from strategies.space import TOP, Anchor, FloatParam, IntParam
+from strategies.inputs import Inputs
+from strategies.space import TOP, Anchor, ChoiceParam, FloatParam, IntParam
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,20 @@ class DistillationDiverged(DistillationError):
     pass
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass(frozen=True)
 class DistillationConfig(StrategyConfig):
     epochs: int = 0
     temperature: float = 4.0
     alpha: float = 0.7
     lr: float = 1e-3
+    optimizer: str = "sgd"  # or "adamw", the usual one for a pretrained transformer
 
     def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"distillation.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"distillation.epochs must be a whole number >= 0, got {self.epochs!r}")
         if not (
@@ -74,9 +81,18 @@ def _zero_masks(weights: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.T
     return [(w, w.detach() != 0) for w in weights if not bool((w.detach() != 0).all())]
 
 
+def _optimizer(model: nn.Module, config: DistillationConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer and its cosine schedule over `steps` updates."""
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+
+
 def distill_(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     teacher_logits: torch.Tensor,
     config: DistillationConfig,
@@ -87,19 +103,20 @@ def distill_(
     report: Callable[[str], None] = lambda message: None,
     after_epoch: Callable[[nn.Module, int], None] = lambda model, epoch: None,
     on_step: Callable[[nn.Module, int, int], bool] = lambda model, step, total_steps: False,
+    device: str = "cpu",
 ) -> list[float]:
-    """Fine-tune `model` in place; returns the mean loss of each epoch. `on_step`: Context.on_step."""
+    """Fine-tune `model` in place on `device` (it comes back on the CPU); returns the mean loss
+    of each epoch. `on_step`: Context.on_step."""
     if len(teacher_logits) != len(x):
         raise ValueError(f"teacher_logits has {len(teacher_logits)} rows for {len(x)} samples")
+    model.to(device)
     # The weight Parameters themselves: inside `fake_quant`, `module.weight` is computed from them.
     weights = [m.weight for _, m in weight_layers(model)]
     masks = _zero_masks(weights)  # pruned weights must stay pruned
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     steps = config.epochs * math.ceil(len(x) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+    optimizer, schedule = _optimizer(model, config, steps)
     generator = torch.Generator().manual_seed(seed)
-    history = []
-    step = 0
+    history, step = [], 0
     with fake_quant(model) if fake_quant else contextlib.nullcontext():
         if on_step(model, step, steps):
             masks = _zero_masks(weights)
@@ -109,7 +126,8 @@ def distill_(
             total = 0.0
             for i in range(0, len(x), batch_size):
                 idx = order[i : i + batch_size]
-                loss = distillation_loss(model(x[idx]), teacher_logits[idx], y[idx], config.temperature, config.alpha)
+                targets = teacher_logits[idx].to(device), y[idx].to(device)
+                loss = distillation_loss(model(x[idx].to(device)), *targets, config.temperature, config.alpha)
                 if not torch.isfinite(loss):
                     raise DistillationDiverged(f"distillation diverged in epoch {epoch + 1}: loss {loss.item()}")
                 optimizer.zero_grad(set_to_none=True)
@@ -127,7 +145,7 @@ def distill_(
             report(f"distillation epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f}")
             model.eval()
             after_epoch(model, epoch + 1)
-    model.eval()
+    model.to("cpu").eval()
     for p in model.parameters():
         if not torch.isfinite(p).all():
             raise DistillationDiverged("distillation left non-finite weights")
@@ -152,7 +170,9 @@ class Distillation(Strategy):
         "distillation.temperature": FloatParam(1.0, 20.0),
         "distillation.alpha": FloatParam(0.0, 1.0),
         "distillation.lr": FloatParam(1e-5, 1e-1, log=True),
+        "distillation.optimizer": ChoiceParam(OPTIMIZERS, off="sgd"),
     }
+    unlisted_space = {"distillation.optimizer": ChoiceParam(("sgd",), off="sgd")}
     anchors = (
         Anchor("student-half", {"pruning.structured_ratio": 0.5, **_FINETUNE}, rank=5),
         # The narrowest student the space allows: the fastest, smallest end of structured
@@ -164,8 +184,11 @@ class Distillation(Strategy):
         epochs = self._suggest(trial, "distillation.epochs")
         if epochs == 0:  # the rest only matters when fine-tuning happens
             return DistillationConfig(epochs=0)
-        values = {key.split(".")[1]: self._suggest(trial, key) for key in list(self.default_space)[1:]}
-        return DistillationConfig(epochs=epochs, **values)
+        keys = ("distillation.temperature", "distillation.alpha", "distillation.lr")
+        values = {key.split(".")[1]: self._suggest(trial, key) for key in keys}
+        return DistillationConfig(
+            epochs=epochs, optimizer=self.suggest_option(trial, "distillation.optimizer"), **values
+        )
 
     def is_active(self, config: DistillationConfig) -> bool:
         return config.epochs > 0
@@ -189,5 +212,6 @@ class Distillation(Strategy):
             report=context.report,
             after_epoch=context.after_epoch,
             on_step=context.on_step,
+            device=context.device,
         )
         return model

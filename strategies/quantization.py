@@ -13,20 +13,16 @@ exports to ONNX QuantizeLinear/DequantizeLinear. It is a forward pre-hook readin
 layer's `input_scale`/`input_zero_point` buffers rather than a wrapper module: a wrapper
 would rename every state-dict key and submodule (`0.weight` → `0.layer.weight`), while a
 hook keeps names, so the model still matches its factory; the hook is a module-level
-function, so deepcopy and pickling keep it.
-
-BatchNorm is folded first, so the quantized weights are the ones that really run.
+function, so deepcopy and pickling keep it. BatchNorm is folded first, so the quantized
+weights are the ones that really run.
 
 Mixed precision (searched when the search space lists `quantization.mixed_precision`):
-`weight_bits` is then the average width over the weights, and each layer gets its own width.
-A sensitivity scan, once per study, measures how far quantizing each layer alone moves the
-uncompressed model's outputs (`strategies.sensitivity`); after pruning, the trial's bit budget
-is spent where it buys the most of that back (`before_finetune`, once pruning is done).
-The per-layer widths travel in the resolved config (`layer_bits`, which `pipeline.compress`
-returns) and, once applied, as each layer's `weight_bits` buffer, which the artifact reads.
+`weight_bits` is then the average width over the weights, and each layer gets its own width,
+spent after pruning where a once-per-study sensitivity scan (`strategies.sensitivity`) says it
+buys the most back. The widths travel in the resolved config (`layer_bits`, which
+`pipeline.compress` returns) and, once applied, as each layer's `weight_bits` buffer.
 
-Weight sharing (`quantization.scheme: codebook`, when listed): 2^b trained centroids per layer
-instead of a uniform grid, for weights only (`strategies.codebook`).
+Weight sharing (`quantization.scheme: codebook`): 2^b trained centroids per layer, weights only.
 """
 
 from __future__ import annotations
@@ -46,6 +42,7 @@ from torch.nn.utils import parametrize
 from strategies import codebook, sensitivity
 from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
 from strategies.fold import fold_batchnorm_
+from strategies.inputs import Inputs
 from strategies.space import Anchor, ChoiceParam
 
 logger = logging.getLogger(__name__)
@@ -231,7 +228,7 @@ def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(min(255, max(0, round(-lo / scale))))
 
 
-def calibrate_inputs_(model: nn.Module, calibration_x: torch.Tensor, batch_size: int) -> None:
+def calibrate_inputs_(model: nn.Module, calibration_x: Inputs, batch_size: int) -> None:
     """Observe each layer's input range on float activations (min/max), then turn fake-quant on."""
     if len(calibration_x) == 0:
         raise QuantizationError("activation quantization needs calibration data, got none")
@@ -245,7 +242,8 @@ def calibrate_inputs_(model: nn.Module, calibration_x: torch.Tensor, batch_size:
 
         return hook
 
-    layers = dict(weight_layers(model))
+    # an embedding's input is token ids: nothing to quantize there
+    layers = {name: m for name, m in weight_layers(model) if not isinstance(m, nn.Embedding)}
     handles = [m.register_forward_pre_hook(observer(name)) for name, m in layers.items()]
     try:
         with torch.no_grad():
@@ -274,7 +272,9 @@ def round_bias_to_accumulator_(model: nn.Module) -> None:
     predictions in ONNX Runtime (up to 0.8 % in searches, past the 0.5 % limit); rounded, none.
     """
     for _, module in weight_layers(model):
-        if module.bias is None or not (hasattr(module, "input_scale") and hasattr(module, "weight_scale")):
+        if getattr(module, "bias", None) is None or not (
+            hasattr(module, "input_scale") and hasattr(module, "weight_scale")
+        ):
             continue
         step = module.input_scale * module.weight_scale
         with torch.no_grad():
@@ -349,7 +349,7 @@ class Quantization(Strategy):
             raise ValueError("quantization.layer_bits lacks layers: pass the config as pipeline.compress resolved it")
         return {"quantization.layer_bits": " ".join(f"{name}:{widths[name]}" for name in layers)}
 
-    def sensitivity(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> dict | None:
+    def sensitivity(self, model: nn.Module, x: Inputs, batch_size: int) -> dict | None:
         """Each layer's sensitivity at each weight width of the space, BatchNorm folded as
         deployed; None unless mixed precision is searched."""
         if not self.offers("quantization.mixed_precision"):
@@ -375,7 +375,7 @@ class Quantization(Strategy):
 
     @staticmethod
     def training_simulation(config: QuantizationConfig) -> Callable[[nn.Module], contextlib.AbstractContextManager]:
-        """f(model) → a context in which Conv2d/Linear weights are fake-quantized (STE).
+        """f(model) → a context in which layer weights are fake-quantized (STE).
 
         The Parameters the optimizer holds stay the float ones: on exit they are left as
         trained, and the final quantization happens in `apply`.

@@ -15,6 +15,7 @@ from strategies.distillation import Distillation
 from strategies.quantization import Quantization
 from strategies.space import Param, parse_param
 from strategies.structured import StructuredPruning
+from strategies.transformer import EncoderPruning
 from strategies.unstructured import UnstructuredPruning
 
 _REGISTERED: list[type[Strategy]] = []
@@ -96,5 +97,5 @@ def build_strategies(space: Mapping[str, Param]) -> list[Strategy]:
     ]
 
 
-for _cls in (StructuredPruning, UnstructuredPruning, Distillation, Quantization):
+for _cls in (StructuredPruning, EncoderPruning, UnstructuredPruning, Distillation, Quantization):
     register_strategy(_cls)

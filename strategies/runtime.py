@@ -21,6 +21,7 @@ from torch import nn
 
 from strategies.artifact import save_artifact
 from strategies.base import CompressionError, weight_layers
+from strategies.inputs import Inputs, NamedInputs, from_runtime_feed, input_names, runtime_feed
 from strategies.quantization import quant_state
 
 logger = logging.getLogger(__name__)
@@ -55,20 +56,30 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path) -> Path:
+def export_onnx(model: nn.Module, example_inputs: Inputs, path: Path) -> Path:
+    """The model as an ONNX graph with a dynamic batch axis (and sequence axis, for named inputs)."""
+    names = input_names(example_inputs)
+    if isinstance(example_inputs, NamedInputs):
+        # one mapping argument: the trailing {} tells the exporter that no keyword arguments follow
+        args = (dict(example_inputs.items()), {})
+        axes = {
+            name: {0: "batch", 1: "sequence"} if t.dim() > 1 else {0: "batch"} for name, t in example_inputs.items()
+        }
+    else:
+        args, axes = (example_inputs,), {names[0]: {0: "batch"}}
     # The TorchScript-based exporter: ~0.3 s per model here, against ~6 s for the dynamo one.
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
-                (example_inputs,),
+                args,
                 str(path),
                 dynamo=False,
                 opset_version=17,
-                input_names=["input"],
+                input_names=names,
                 output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                dynamic_axes={**axes, "logits": {0: "batch"}},
             )
     except Exception as error:
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {error}") from error
@@ -98,11 +109,11 @@ def max_signed_weight_bits() -> int:
     return 8 if cpu_has_vnni() else 7
 
 
-def _dequantized(graph, initializers: dict, nodes: list, name: str, values, scale, zero_point) -> None:
+def _dequantized(graph, initializers: dict, nodes: list, name: str, values, scale, zero_point, axis: int = 0) -> None:
     """Replace initializer `name` by `values` behind a per-channel DequantizeLinear (appended to `nodes`)."""
     from onnx import helper, numpy_helper
 
-    graph.initializer.remove(initializers[name])
+    graph.initializer.remove(initializers.pop(name))
     graph.initializer.extend(
         [
             numpy_helper.from_array(values, f"{name}_codes"),
@@ -111,7 +122,16 @@ def _dequantized(graph, initializers: dict, nodes: list, name: str, values, scal
         ]
     )
     inputs = [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"]
-    nodes.append(helper.make_node("DequantizeLinear", inputs, [name], axis=0, name=f"{name}_dequantize"))
+    nodes.append(helper.make_node("DequantizeLinear", inputs, [name], axis=axis, name=f"{name}_dequantize"))
+
+
+def _matmul_weights(graph, initializers: dict) -> dict[bytes, str]:
+    """The initializers that are a MatMul's second input, by their bytes: a Linear layer applied
+    to a sequence (3-D input) exports as MatMul with its weight transposed, under no name of its own."""
+    from onnx import numpy_helper
+
+    names = {node.input[1] for node in graph.node if node.op_type == "MatMul" and node.input[1] in initializers}
+    return {numpy_helper.to_array(initializers[n]).tobytes(): n for n in names}
 
 
 def quantize_onnx_weights_(path: Path, model: nn.Module, max_signed_bits: int | None = None) -> int:
@@ -121,10 +141,12 @@ def quantize_onnx_weights_(path: Path, model: nn.Module, max_signed_bits: int | 
     codes behind a DequantizeLinear, and the bias as its int32 steps of input_scale ×
     weight_scale (which the simulation already rounds it to), so ORT fuses QLinearConv/QGemm
     on exactly those integers (left as float, ORT would quantize the weights itself,
-    differently). Codes up to `max_signed_bits` wide (default: `max_signed_weight_bits()`)
-    are stored as int8, wider ones as uint8 with zero-point 128: the same values either way.
-    Weight-only quantized layers keep float weights (exactly codes × scale), dequantized once
-    at load time rather than on every call. Returns the layers rewritten.
+    differently). A Linear layer on a sequence exports as MatMul with the weight transposed
+    and the bias in a float Add after it: there the codes go in transposed (per-column scales).
+    Codes up to `max_signed_bits` wide (default: `max_signed_weight_bits()`) are stored as int8,
+    wider ones as uint8 with zero-point 128: the same values either way. Weight-only quantized
+    layers keep float weights (exactly codes × scale), dequantized once at load time rather
+    than on every call. Returns the layers rewritten.
     """
     import onnx
 
@@ -132,20 +154,26 @@ def quantize_onnx_weights_(path: Path, model: nn.Module, max_signed_bits: int | 
     graph_model = onnx.load(str(path))
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
+    matmul = None
     nodes, layers = [], 0
     for name, module in weight_layers(model):
         state = quant_state(module)
         if state is None or state.input_scale is None:
             continue
-        if f"{name}.weight" not in initializers:
-            raise ExportError(f"the ONNX export has no initializer for {name}.weight to quantize")
-        layers += 1
         codes, scale = state.codes.cpu().numpy(), state.scale.cpu().numpy()
+        weight, axis = f"{name}.weight", 0
+        if weight not in initializers:
+            matmul = _matmul_weights(graph, initializers) if matmul is None else matmul
+            weight = matmul.get(module.weight.detach().cpu().numpy().T.tobytes())
+            if weight is None or weight not in initializers:
+                raise ExportError(f"the ONNX export has no initializer for {name}.weight to quantize")
+            codes, axis = codes.T, 1
+        layers += 1
         signed = state.bits <= signed_bits
         values, zero_point = (codes.astype(np.int8), 0) if signed else ((codes + 128).astype(np.uint8), 128)
         zero_points = np.full(len(scale), zero_point, values.dtype)
-        _dequantized(graph, initializers, nodes, f"{name}.weight", values, scale, zero_points)
-        if module.bias is not None and f"{name}.bias" in initializers:
+        _dequantized(graph, initializers, nodes, weight, np.ascontiguousarray(values), scale, zero_points, axis)
+        if axis == 0 and module.bias is not None and f"{name}.bias" in initializers:
             step = (state.input_scale * state.scale).cpu().numpy().astype(np.float32)
             steps = np.round(module.bias.detach().cpu().numpy() / step).astype(np.int32)
             _dequantized(graph, initializers, nodes, f"{name}.bias", steps, step, np.zeros(len(step), np.int32))
@@ -200,35 +228,35 @@ def check_finite(model: nn.Module) -> None:
             raise CompressionError(f"non-finite values in {name} ({bad} of {tensor.numel()})")
 
 
-def _torch_eager(model: nn.Module, out_dir: Path, threads: int, example_inputs: torch.Tensor) -> Deployable:
-    def run(batch: np.ndarray) -> torch.Tensor:
+def _torch_eager(model: nn.Module, out_dir: Path, threads: int, example_inputs: Inputs) -> Deployable:
+    def run(batch: np.ndarray | dict[str, np.ndarray]) -> torch.Tensor:
         with torch.no_grad(), torch_threads(threads):
-            return model(torch.from_numpy(batch))
+            return model(from_runtime_feed(batch))
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: Inputs) -> torch.Tensor:
         with torch.no_grad(), torch_threads(threads):
             return model(x)
 
     return Deployable(out_dir / ARTIFACT_NAME, None, run, predict, model)
 
 
-def _onnxruntime(model: nn.Module, out_dir: Path, threads: int, example_inputs: torch.Tensor) -> Deployable:
+def _onnxruntime(model: nn.Module, out_dir: Path, threads: int, example_inputs: Inputs) -> Deployable:
     onnx_path = export_onnx(model, example_inputs, out_dir / ONNX_NAME)
     quantize_onnx_weights_(onnx_path, model)
     session = ort_session(onnx_path, threads)
 
-    def run(batch: np.ndarray) -> object:
-        return session.run(None, {"input": batch})
+    def run(batch: np.ndarray | dict[str, np.ndarray]) -> object:
+        return session.run(None, runtime_feed(batch))
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"input": x.detach().numpy().astype(np.float32, copy=False)})[0])
+    def predict(x: Inputs) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, runtime_feed(x))[0])
 
     return Deployable(out_dir / ARTIFACT_NAME, onnx_path, run, predict, model)
 
 
 # The runtimes a model can be deployed on (YAML `latency.runtime`): each builds the runner
 # for a model whose artifact is already written to `out_dir`.
-RUNTIMES: dict[str, Callable[[nn.Module, Path, int, torch.Tensor], Deployable]] = {
+RUNTIMES: dict[str, Callable[[nn.Module, Path, int, Inputs], Deployable]] = {
     "onnxruntime": _onnxruntime,
     "torch": _torch_eager,
 }
@@ -240,7 +268,7 @@ def materialize(
     *,
     runtime: str = "onnxruntime",
     threads: int = 1,
-    example_inputs: torch.Tensor,
+    example_inputs: Inputs,
 ) -> Deployable:
     """Write `model`'s artifact to `out_dir` and load it on `runtime` with `threads` threads.
 
@@ -258,9 +286,9 @@ def materialize(
 
 
 def check_agreement(
-    predict_a: Callable[[torch.Tensor], torch.Tensor],
-    predict_b: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
+    predict_a: Callable[[Inputs], torch.Tensor],
+    predict_b: Callable[[Inputs], torch.Tensor],
+    x: Inputs,
     batch_size: int = 1000,
 ) -> float:
     """Fraction of rows whose argmax differs between two predict functions."""

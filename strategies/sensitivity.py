@@ -1,9 +1,9 @@
 """Per-layer sensitivity: measured once per study, spent per trial.
 
-`scan` measures, for every Conv2d/Linear layer and every level of one technique (a weight
-width, a weight density), how far changing that layer alone moves the uncompressed model's
-outputs: the mean KL divergence of its output distribution from the unchanged model's on a
-batch of training images. `allocate` then turns a trial's average level into one level per
+`scan` measures, for every weight layer (Conv2d, Linear, Embedding) and every level of one
+technique (a weight width, a weight density), how far changing that layer alone moves the
+uncompressed model's outputs: the mean KL divergence of its output distribution from the
+unchanged model's on a batch of training inputs. `allocate` then turns a trial's average level into one level per
 layer with as little summed sensitivity as it finds, under the same budget.
 """
 
@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from strategies.base import weight_layers
+from strategies.inputs import Inputs
 
 
 def scan(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     batch_size: int,
     levels: Sequence[float],
     alter: Callable[[torch.Tensor, float], torch.Tensor],

@@ -16,6 +16,7 @@ import torch_pruning as tp
 from torch import nn
 
 from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
+from strategies.inputs import Inputs
 from strategies.space import Anchor, FloatParam
 
 logger = logging.getLogger(__name__)
@@ -35,13 +36,18 @@ class StructuredPruningConfig(StrategyConfig):
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
-    """Each Conv/Linear layer's output width (channels or features), by name."""
-    return {name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for name, m in weight_layers(model)}
+    """Each weight layer's output width (channels, features, embedding dims), by name."""
+    return {name: m.weight.shape[1 if isinstance(m, nn.Embedding) else 0] for name, m in weight_layers(model)}
 
 
-def _output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+def _forward(model: nn.Module, x: Inputs) -> torch.Tensor:
+    """How Torch-Pruning runs the model: with its one argument, a tensor or named inputs."""
+    return model(x)
+
+
+def _output_layers(model: nn.Module, example_inputs: Inputs) -> list[nn.Module]:
     """The Conv/Linear layers whose outputs are the model's outputs (found by tracing)."""
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=_forward)
     layers = {m for _, m in weight_layers(model)}
     return [
         module for module, node in graph.module2node.items() if module in layers and not _feeds(layers, node, set())
@@ -59,7 +65,7 @@ def _feeds(layers: set[nn.Module], node: Any, seen: set) -> bool:
     return False
 
 
-def prune_channels_(model: nn.Module, ratio: float, example_inputs: torch.Tensor) -> nn.Module:
+def prune_channels_(model: nn.Module, ratio: float, example_inputs: Inputs) -> nn.Module:
     """Remove `ratio` of every hidden layer's channels by L1 magnitude, in place."""
     model.eval()
     widths = _widths(model)
@@ -73,6 +79,7 @@ def prune_channels_(model: nn.Module, ratio: float, example_inputs: torch.Tensor
             importance=tp.importance.MagnitudeImportance(p=1),
             pruning_ratio=ratio,
             ignored_layers=ignored,
+            forward_fn=_forward,
         )
         pruner.step()
     except CompressionError:

@@ -1,4 +1,4 @@
-"""Unstructured pruning: zero the least important weights of every Conv/Linear, globally.
+"""Unstructured pruning: zero the least important weights of every weight layer, globally.
 
 Importance is |w| relative to its layer's standard deviation, i.e. one global "quality"
 threshold times each layer's std, as in Han et al. (2015). Raw |w| would empty wide
@@ -55,7 +55,7 @@ RAMP_PRUNINGS = 20
 
 @dataclass(frozen=True)
 class UnstructuredPruningConfig(StrategyConfig):
-    """`sparsity`: the fraction of Conv/Linear weights zeroed. `per_layer`: each layer's
+    """`sparsity`: the fraction of layer weights zeroed. `per_layer`: each layer's
     share from the sensitivity scan, instead of one global threshold. `gradual`: reach it
     during the fine-tune, when the trial fine-tunes (else at once)."""
 
@@ -81,7 +81,7 @@ def _float_weight(module: nn.Module) -> nn.Parameter:
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Each Conv/Linear layer's float weight Parameter, by layer name."""
+    """Each weight layer's float weight Parameter, by layer name."""
     return [(name, _float_weight(m)) for name, m in weight_layers(model)]
 
 
@@ -91,7 +91,7 @@ def layer_scale(weight: torch.Tensor) -> torch.Tensor:
 
 
 def prune_weights_(model: nn.Module, sparsity: float, scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Zero the `sparsity` fraction of smallest |w| / layer std across all Conv/Linear weights,
+    """Zero the `sparsity` fraction of smallest |w| / layer std across all layer weights,
     in place. `scales`: each layer's std from before (gradual pruning: the unpruned layer's)."""
     weights = prunable_weights(model)
     if not weights:
@@ -150,7 +150,7 @@ def _prune_layers_(model: nn.Module, densities: dict[str, float], sparsity: floa
 
 
 def prune_per_layer_(model: nn.Module, sparsity: float, scan: dict | None) -> nn.Module:
-    """Zero the `sparsity` fraction of all Conv/Linear weights, each layer by its own |w|, at
+    """Zero the `sparsity` fraction of all layer weights, each layer by its own |w|, at
     the densities that cost the least by the sensitivity scan."""
     return _prune_layers_(model, layer_densities(model, sparsity, scan), sparsity)
 

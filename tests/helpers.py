@@ -120,3 +120,30 @@ def quantize(model, bits, activations=32):
 def distinct_codes_per_channel(module):
     """How many distinct weight values each output channel holds."""
     return [len(torch.unique(row)) for row in module.weight.detach().flatten(1)]
+
+
+def tiny_bert():
+    """A text classifier on a randomly initialised 2-layer BERT-style encoder (hidden 32, four
+    heads of 8, FFN 64, MiniLM's vocabulary), mean-pooled with a linear head."""
+    import transformers
+
+    from experiments.text import EncoderClassifier
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    return EncoderClassifier(transformers.BertModel(config, add_pooling_layer=False)).eval()
+
+
+def texts(n=16):
+    """`n` tokenized review-like snippets (named inputs), with MiniLM's tokenizer."""
+    from experiments.text import tokenize
+
+    snippets = ["a gorgeous, witty film", "dull", "not as good as the book", "fine"]
+    return tokenize([snippets[i % len(snippets)] for i in range(n)])
+
+
+def text_context(x, **kwargs):
+    labels = torch.arange(len(x)) % 2
+    return Context(example_inputs=x[:1], finetune_x=x, finetune_y=labels, calibration_x=x, **kwargs)

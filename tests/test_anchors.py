@@ -27,6 +27,7 @@ def test_every_anchor_is_one_technique_alone_within_the_space():
         "quantization.mixed_precision": False,  # the same width everywhere
         "quantization.scheme": "uniform",  # a uniform grid, not a codebook
         "distillation.epochs": 0,
+        "distillation.optimizer": "sgd",  # the fine-tune's plain SGD, had it one
     }
     assert anchors["student-half"]["distillation.epochs"] == 2  # the top of the range
     assert anchors["student-half"]["quantization.weight_bits"] == 32

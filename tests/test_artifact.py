@@ -187,7 +187,7 @@ def test_tensor_table_records_each_choice_and_sparse_maps_cost_less_than_a_bit(t
     for model, is_sparse in ((dense, False), (sparse, True)):
         save_artifact(model, tmp_path / "w.acw")
         header = read_header(tmp_path / "w.acw")
-        assert set(header) == {"tensors", "identity", "conv_groups", "crc32"}
+        assert set(header) == {"tensors", "identity", "conv_groups", "module_lists", "crc32"}
         table = {e["name"]: e for e in header["tensors"]}
         for entry in table.values():
             assert entry["layout"] in ("dense", "bitmap", "bernoulli", "gaps")

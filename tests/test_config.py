@@ -1,6 +1,7 @@
 """Config validation: every bad input names its key and the valid values."""
 
 import pytest
+import torch
 import yaml
 
 from objectives.registry import get_objective
@@ -13,19 +14,22 @@ def smoke_raw():
     return yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["fmnist_cnn", "fmnist_mlp", "smoke"])
-def test_shipped_configs_load_and_validate(name):
+@pytest.mark.parametrize(
+    "name, pruning",
+    [
+        ("fmnist_cnn", {"structured_pruning", "unstructured_pruning"}),
+        ("fmnist_mlp", {"structured_pruning", "unstructured_pruning"}),
+        ("smoke", {"structured_pruning", "unstructured_pruning"}),
+        ("rt_minilm", {"encoder_pruning"}),
+    ],
+)
+def test_shipped_configs_load_and_validate(name, pruning):
     config = load_config(ROOT / "experiments" / f"{name}.yaml")
     strategies = build_strategies(config.search_space)
     objectives = [get_objective(name) for name in config.search.objectives]
     assert config.name == name
     assert [o.name for o in objectives] == list(config.search.objectives)
-    assert {s.name for s in strategies} == {
-        "structured_pruning",
-        "unstructured_pruning",
-        "quantization",
-        "distillation",
-    }
+    assert {s.name for s in strategies} == pruning | {"quantization", "distillation"}
 
 
 @pytest.mark.parametrize(
@@ -80,3 +84,19 @@ def test_identity_ignores_trial_budget_only():
     assert parse_config(raw).identity() == a.identity()
     raw["seed"] = 7
     assert parse_config(raw).identity() != a.identity()
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu", r"search.device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        pytest.param(
+            "cuda",
+            r"search.device is 'cuda', but torch finds no CUDA GPU on this machine",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+    ],
+)
+def test_a_training_device_that_is_not_there_is_refused_before_any_work(device, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "experiments" / "smoke.yaml", [f"search.device={device}"])

@@ -13,7 +13,7 @@ from strategies.base import PHASES
 from strategies.registry import build_strategies, parse_space
 from strategies.registry import pipeline as registered
 from strategies.runtime import materialize
-from tests.helpers import context, mlp_bn, random_model
+from tests.helpers import context, mlp_bn, random_model, text_context, texts, tiny_bert
 
 STRATEGIES = registered()
 
@@ -24,10 +24,12 @@ def _full(cls):
 
 
 def _model_and_context(strategy):
-    """A model and the context a study would build for it: teacher logits, and the
-    strategy's sensitivity scan where its space needs one."""
-    model = random_model(mlp_bn)  # small, with a BatchNorm to fold
-    ctx = context(n=64)
+    """A model the strategy is for and the context a study would build for it: teacher logits,
+    and the strategy's sensitivity scan where its space needs one."""
+    if strategy.name == "encoder_pruning":  # a BERT-style encoder's heads, FFN neurons and layers
+        model, ctx = tiny_bert(), text_context(texts(16))
+    else:
+        model, ctx = random_model(mlp_bn), context(n=64)  # small, with a BatchNorm to fold
     with torch.no_grad():
         ctx.teacher_logits = model(ctx.finetune_x)
     ctx.teacher = model
@@ -65,7 +67,7 @@ def test_the_off_values_are_the_identity(cls):
     config = strategy.suggest(FixedTrial(off))
     assert not strategy.is_active(config)
     model, ctx = _model_and_context(strategy)
-    x = torch.randn(8, 1, 28, 28)
+    x = ctx.finetune_x[:8]
     with torch.no_grad():
         before = model(x)
     compressed, _ = pipeline.compress(model, [strategy], {strategy.name: config}, ctx)
@@ -94,8 +96,10 @@ def test_apply_keeps_the_output_shape(cls):
         if not strategy.is_active(config) or getattr(config, "epochs", 0) > 2:
             continue  # off, or a long fine-tune the shape does not need
         model, ctx = _model_and_context(strategy)
+        with torch.no_grad():
+            shape = model(ctx.finetune_x[:5]).shape
         compressed, resolved = pipeline.compress(model, [strategy], {strategy.name: config}, ctx)
-        assert compressed(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+        assert compressed(ctx.finetune_x[:5]).shape == shape
         assert set(resolved) == {strategy.name}
         applied += 1
         if applied == 3:

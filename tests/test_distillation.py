@@ -32,7 +32,8 @@ def real_task(n=1500):
 
 
 @needs_fashion_mnist
-def test_distillation_loss_falls_and_pruned_weights_stay_zero():
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.05), ("adamw", 1e-3)])
+def test_distillation_loss_falls_and_pruned_weights_stay_zero(optimizer, lr):
     x, y = real_task()
     torch.manual_seed(0)
     teacher = MODELS["lenet300"]()
@@ -48,7 +49,7 @@ def test_distillation_loss_falls_and_pruned_weights_stay_zero():
         logits = teacher.eval()(x)
     student = prune_weights_(trained_like(MODELS["lenet300"], seed=1), 0.7)
     zeros = {n: (w == 0).clone() for n, w in prunable_weights(student)}
-    history = distill_(student, x, y, logits, DistillationConfig(4, 4.0, 0.7, 0.05), batch_size=64)
+    history = distill_(student, x, y, logits, DistillationConfig(4, 4.0, 0.7, lr, optimizer), batch_size=64)
     assert len(history) == 4 and history[-1] < history[0] * 0.8
     for name, w in prunable_weights(student):
         assert bool((w[zeros[name]] == 0).all()), name
@@ -113,6 +114,11 @@ def test_divergence_is_a_compression_error():
     ctx.teacher_logits = torch.full((len(ctx.finetune_x), 10), float("nan"))
     with pytest.raises(CompressionError, match="diverged"):
         Distillation().apply(trained_like(MODELS["lenet300"]), DistillationConfig(1, 2.0, 0.5, 0.01), ctx)
+
+
+def test_an_unknown_optimizer_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"distillation.optimizer must be one of \['sgd', 'adamw'\], got 'adam'"):
+        DistillationConfig(1, optimizer="adam")
 
 
 def test_other_params_are_conditional_on_epochs():

@@ -331,7 +331,7 @@ def test_off_values_turn_the_strategy_off(cls):
 
 def test_anchors_are_in_rank_order_and_inside_the_default_space():
     anchors = sorted((a for cls in pipeline() for a in cls.anchors), key=lambda a: a.rank)
-    names = ["int8", "4-bit", "structured-50", "unstructured-80", "student-half", "student-smallest"]
+    names = ["int8", "4-bit", "structured-50", "heads-ffn-50", "unstructured-80", "student-half", "student-smallest"]
     assert [a.name for a in anchors] == names
     defaults = {key: param for cls in pipeline() for key, param in cls.default_space.items()}
     for anchor in anchors:
@@ -353,11 +353,18 @@ class Toy(Strategy):
 
 
 def test_a_registered_strategy_takes_its_place_by_phase():
-    assert [cls.phase for cls in pipeline()] == ["prune", "prune", "finetune", "quantize"]
+    assert [cls.phase for cls in pipeline()] == ["prune", "prune", "prune", "finetune", "quantize"]
     early = type("EarlyToy", (Toy,), {"phase": "prune"})
     register_strategy(early)
     try:
-        order = ["StructuredPruning", "UnstructuredPruning", "EarlyToy", "Distillation", "Quantization"]
+        order = [
+            "StructuredPruning",
+            "EncoderPruning",
+            "UnstructuredPruning",
+            "EarlyToy",
+            "Distillation",
+            "Quantization",
+        ]
         assert [cls.__name__ for cls in pipeline()] == order
         assert "toy.level" in all_space_keys()
         strategies = build_strategies(parse_space({"distillation.epochs": 1, "toy.level": [0, 2]}))
