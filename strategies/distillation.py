@@ -178,6 +178,20 @@ class Distillation(Strategy):
         # The narrowest student the space allows: the fastest, smallest end of structured
         # pruning, which a sampler's density reaches last (measured: README, Samplers).
         Anchor("student-smallest", {"pruning.structured_ratio": TOP, **_FINETUNE}, rank=6),
+        # Deep Compression's pruning of the LeNets (92 % of the weights), reached gradually with
+        # per-layer sparsities and recovered at the rate measured best for that (README): only
+        # where the space lists both options. Its alpha and temperature are the sampler's.
+        Anchor(
+            "pruned-92-recovered",
+            {
+                "pruning.unstructured_sparsity": 0.92,
+                "pruning.per_layer_sparsity": True,
+                "pruning.gradual": True,
+                "distillation.epochs": TOP,
+                "distillation.lr": 0.03,
+            },
+            rank=7,
+        ),
     )
 
     def suggest(self, trial: Any) -> DistillationConfig:

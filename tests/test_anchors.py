@@ -57,3 +57,17 @@ def test_anchors_are_enqueued_once_into_a_new_study_only():
     assert strategies[0].suggest(trial).weight_bits == 8
     study.tell(trial, 0.0)
     assert enqueue_anchors(study, strategies) == []
+
+
+def test_the_deep_compression_anchor_needs_both_pruning_options_and_leaves_the_loss_to_the_sampler():
+    space = {
+        "pruning.unstructured_sparsity": [0.0, 0.95],
+        "distillation.epochs": [0, 4],
+        "distillation.lr": [1e-4, 3e-2],
+    }
+    assert "pruned-92-recovered" not in anchor_params(strategies_for(space))  # not in the default experiments
+    options = {"pruning.per_layer_sparsity": [False, True], "pruning.gradual": [False, True]}
+    anchor = anchor_params(strategies_for({**space, **options}))["pruned-92-recovered"]
+    assert anchor["pruning.unstructured_sparsity"] == 0.92 and anchor["pruning.gradual"] is True
+    assert anchor["distillation.epochs"] == 4 and anchor["distillation.lr"] == 0.03
+    assert "distillation.alpha" not in anchor and "distillation.temperature" not in anchor

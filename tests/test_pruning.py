@@ -331,7 +331,16 @@ def test_off_values_turn_the_strategy_off(cls):
 
 def test_anchors_are_in_rank_order_and_inside_the_default_space():
     anchors = sorted((a for cls in pipeline() for a in cls.anchors), key=lambda a: a.rank)
-    names = ["int8", "4-bit", "structured-50", "heads-ffn-50", "unstructured-80", "student-half", "student-smallest"]
+    names = [
+        "int8",
+        "4-bit",
+        "structured-50",
+        "heads-ffn-50",
+        "unstructured-80",
+        "student-half",
+        "student-smallest",
+        "pruned-92-recovered",
+    ]
     assert [a.name for a in anchors] == names
     defaults = {key: param for cls in pipeline() for key, param in cls.default_space.items()}
     for anchor in anchors:
