@@ -89,6 +89,12 @@ def as_inputs(value: Any, what: str) -> Inputs:
     return torch.as_tensor(value, dtype=torch.float32)
 
 
+def forward(model: torch.nn.Module, x: Inputs) -> torch.Tensor:
+    """Run `model` on its one argument, a tensor or named inputs (Torch-Pruning's `forward_fn`:
+    left to itself, it would unpack named inputs into keyword arguments)."""
+    return model(x)
+
+
 def input_names(example: Inputs) -> list[str]:
     return list(example.keys()) if isinstance(example, NamedInputs) else [TENSOR_INPUT_NAME]
 

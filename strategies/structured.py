@@ -16,7 +16,7 @@ import torch_pruning as tp
 from torch import nn
 
 from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
-from strategies.inputs import Inputs
+from strategies.inputs import Inputs, forward
 from strategies.space import Anchor, FloatParam
 
 logger = logging.getLogger(__name__)
@@ -40,14 +40,9 @@ def _widths(model: nn.Module) -> dict[str, int]:
     return {name: m.weight.shape[1 if isinstance(m, nn.Embedding) else 0] for name, m in weight_layers(model)}
 
 
-def _forward(model: nn.Module, x: Inputs) -> torch.Tensor:
-    """How Torch-Pruning runs the model: with its one argument, a tensor or named inputs."""
-    return model(x)
-
-
 def _output_layers(model: nn.Module, example_inputs: Inputs) -> list[nn.Module]:
     """The Conv/Linear layers whose outputs are the model's outputs (found by tracing)."""
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=_forward)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward)
     layers = {m for _, m in weight_layers(model)}
     return [
         module for module, node in graph.module2node.items() if module in layers and not _feeds(layers, node, set())
@@ -79,7 +74,7 @@ def prune_channels_(model: nn.Module, ratio: float, example_inputs: Inputs) -> n
             importance=tp.importance.MagnitudeImportance(p=1),
             pruning_ratio=ratio,
             ignored_layers=ignored,
-            forward_fn=_forward,
+            forward_fn=forward,
         )
         pruner.step()
     except CompressionError:

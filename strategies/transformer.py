@@ -19,12 +19,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch_pruning as tp
 from torch import nn
 
 from strategies.base import CompressionError, Context, Strategy, StrategyConfig
-from strategies.inputs import Inputs
+from strategies.inputs import Inputs, forward
 from strategies.space import Anchor, FloatParam
 
 logger = logging.getLogger(__name__)
@@ -68,10 +67,6 @@ def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def _forward(model: nn.Module, x: Inputs) -> torch.Tensor:
-    return model(x)
-
-
 def prune_encoder_(model: nn.Module, config: EncoderPruningConfig, example_inputs: Inputs) -> nn.Module:
     """Remove heads, FFN neurons and top layers in place, as `config` says."""
     _, layers = encoder_layers(model)
@@ -98,7 +93,7 @@ def prune_encoder_(model: nn.Module, config: EncoderPruningConfig, example_input
             tp.pruner.MetaPruner(
                 model,
                 example_inputs,
-                forward_fn=_forward,
+                forward_fn=forward,
                 importance=tp.importance.MagnitudeImportance(p=1),
                 pruning_ratio=0.0,
                 pruning_ratio_dict=ratios,
