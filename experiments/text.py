@@ -82,8 +82,20 @@ def tokenize(texts: list[str], length: int = SEQUENCE_LENGTH) -> NamedInputs:
     )
 
 
+def preprocessing(length: int = SEQUENCE_LENGTH) -> dict:
+    """How a deployment turns text into the model's inputs, as `tokenize` does."""
+    return {
+        "tokenizer": str(minilm_dir() / "tokenizer.json"),
+        "max_length": length,
+        "padding": "max_length",
+        "truncation": True,
+        "inputs": ["input_ids", "attention_mask"],
+    }
+
+
 def load_rotten_tomatoes(data_dir: str | None = None):
-    """(train, test) splits of tokenized snippets; `data_dir` may name another copy of the file."""
+    """(train, test) splits of tokenized snippets and their preprocessing; `data_dir` may name
+    another copy of the file."""
     snippets = read_snippets(Path(data_dir) / Path(_DATA_FILE[1]).name if data_dir else None)
     order = torch.randperm(len(snippets), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     n_test = int(len(snippets) * TEST_FRACTION)
@@ -91,32 +103,56 @@ def load_rotten_tomatoes(data_dir: str | None = None):
     for part in (order[n_test:], order[:n_test]):
         x = tokenize([snippets[i][0] for i in part])
         splits.append((x, torch.tensor([snippets[i][1] for i in part], dtype=torch.int64)))
-    return splits[0], splits[1]
+    return splits[0], splits[1], preprocessing()
 
 
-class EncoderClassifier(nn.Module):
+class EncoderEmbedder(nn.Module):
     """A BERT-style encoder, mean-pooled over the unmasked tokens (as sentence-transformers
-    pools MiniLM), then a linear head. Takes one mapping: input_ids and attention_mask."""
+    pools MiniLM): one embedding per text. Takes one mapping: input_ids and attention_mask."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int = 2) -> None:
+    def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
 
     def forward(self, inputs) -> torch.Tensor:
         mask = inputs["attention_mask"]
         hidden = self.encoder(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return self.head(pooled)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-def minilm_classifier(num_classes: int = 2) -> nn.Module:
-    """all-MiniLM-L6-v2's pretrained encoder with a new head (trained by the workload's recipe)."""
+class EncoderClassifier(EncoderEmbedder):
+    """The mean-pooled encoder with a linear head: logits per text."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int = 2) -> None:
+        super().__init__(encoder)
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def forward(self, inputs) -> torch.Tensor:
+        return self.head(super().forward(inputs))
+
+
+def _minilm_encoder() -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local files; never reach for a hub
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load would interleave with the search's progress
-    encoder = AutoModel.from_pretrained(str(minilm_dir()), attn_implementation="eager")
-    return EncoderClassifier(encoder, num_classes)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would list the pooler weights left out, each time
+    try:
+        # No pooler: the models mean-pool the hidden states, so a pooler would be dead weights.
+        return AutoModel.from_pretrained(str(minilm_dir()), attn_implementation="eager", add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def minilm_classifier(num_classes: int = 2) -> nn.Module:
+    """all-MiniLM-L6-v2's pretrained encoder with a new head (trained by the workload's recipe)."""
+    return EncoderClassifier(_minilm_encoder(), num_classes)
+
+
+def minilm_embedder() -> nn.Module:
+    """all-MiniLM-L6-v2 as sentence-transformers uses it: pretrained, mean-pooled embeddings
+    (scored by embedding fidelity; its baseline is the pretrained model, `training.epochs: 0`)."""
+    return EncoderEmbedder(_minilm_encoder())

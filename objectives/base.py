@@ -95,6 +95,8 @@ class EvalContext:
     # The baseline's runner. Latency times it interleaved with the candidate's, so that
     # `speedup` is a same-run ratio that machine-wide slowdowns affect equally.
     reference_run: Callable[[Batch], object] | None = None
+    # The baseline's own outputs on val_x, for task metrics scored against them (fidelity).
+    val_reference: torch.Tensor | None = None
 
 
 class Objective(ABC):
@@ -113,6 +115,8 @@ class Objective(ABC):
     limit_metric: ClassVar[str | None] = None
     # A noisy figure (latency) that the finalists measure again, alone and longer.
     final_repeat: ClassVar[bool] = False
+    # A task's quality figure (objectives.task.TaskMetric): a study scores by exactly one.
+    task_metric: ClassVar[bool] = False
 
     @abstractmethod
     def evaluate(self, candidate: Candidate, context: EvalContext) -> float:

@@ -9,8 +9,11 @@ from objectives.accuracy import Accuracy
 from objectives.base import Objective
 from objectives.latency import LatencyMs
 from objectives.size import SizeBytes
+from objectives.task import EmbeddingFidelity, MacroF1
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Accuracy, SizeBytes, LatencyMs)}
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (Accuracy, MacroF1, EmbeddingFidelity, SizeBytes, LatencyMs)
+}
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
@@ -28,6 +31,11 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
 def unregister_objective(cls: type[Objective]) -> None:
     if OBJECTIVES.get(cls.name) is cls:
         del OBJECTIVES[cls.name]
+
+
+def task_metrics() -> list[str]:
+    """The names a workload may score by (`workload.metric`)."""
+    return sorted(name for name, cls in OBJECTIVES.items() if cls.task_metric)
 
 
 def get_objective(name: str) -> type[Objective]:

@@ -112,7 +112,7 @@ def _prepare(args: argparse.Namespace, config: Any, run_dir: Path, n_trials: int
     )
 
 
-def trial_reporter(n_trials: int) -> Callable:
+def trial_reporter(n_trials: int, metric: str = "accuracy") -> Callable:
     """One log line per finished trial: its state, figures or reason."""
     from search.records import finished_trials, reason
 
@@ -124,9 +124,10 @@ def trial_reporter(n_trials: int) -> Callable:
             return
         nan = float("nan")
         logger.info(
-            "%s COMPLETE  acc %.4f  size %.1f kB (%.1fx)  latency %.3f ms (%.2fx)  %.1fs",
+            "%s COMPLETE  %s %.4f  size %.1f kB (%.1fx)  latency %.3f ms (%.2fx)  %.1fs",
             done,
-            attrs.get("accuracy", nan),
+            "acc" if metric == "accuracy" else metric,
+            attrs.get(metric, nan),
             attrs.get("size_bytes", nan) / 1024,
             attrs.get("compression_ratio", nan),
             attrs.get("latency_ms", nan),
@@ -191,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 # Finalists are timed again here, alone: workers timed their trials side by side.
                 result = summarize(prepared)
         else:
-            result = run_search(prepared, n_trials, on_trial=trial_reporter(n_trials))
+            result = run_search(prepared, n_trials, on_trial=trial_reporter(n_trials, prepared.config.metric))
     print(result_text(config, result))
     print(f"results: {result.table_path}  plot: {result.plot_path}  ({time.perf_counter() - started:.0f}s)")
     print(f"review in the MLflow UI: autocompress ui --run-dir {run_dir}")
@@ -207,7 +208,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(int(threads))
     prepared = _prepare(args, config, run_dir, n_trials, driver=False)
-    ran = run_trials(prepared, n_trials, on_trial=trial_reporter(n_trials))
+    ran = run_trials(prepared, n_trials, on_trial=trial_reporter(n_trials, prepared.config.metric))
     logger.info("worker %d: ran %d trials; the study has reached its target of %d", os.getpid(), ran, n_trials)
     return EXIT_OK
 

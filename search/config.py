@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from objectives.base import LatencySettings
-from objectives.registry import OBJECTIVES
+from objectives.registry import OBJECTIVES, task_metrics
 from search.samplers import SAMPLER_NAMES
 from search.workload import TrainingRecipe
 from strategies.registry import parse_space
@@ -43,12 +43,20 @@ class WorkloadSection:
     test_subset: int | None = None
     checkpoint: str | None = None
     training: TrainingRecipe = field(default_factory=TrainingRecipe)
+    # The task metric (objectives.task): what the search maximises and the accuracy limit applies to.
+    metric: str = "accuracy"
+
+
+def default_objectives(metric: str = "accuracy") -> tuple[str, ...]:
+    """What a study optimises unless search.objectives says otherwise: the workload's task
+    metric, the packed size and the latency."""
+    return (metric, "size_bytes", "latency_ms")
 
 
 @dataclass(frozen=True)
 class SearchSection:
     n_trials: int = 30
-    objectives: tuple[str, ...] = ("accuracy", "size_bytes", "latency_ms")
+    objectives: tuple[str, ...] = default_objectives()
     sampler: str = "auto"  # chosen from the trial budget: see search.samplers
     anchors: bool = True  # start a new study with each technique alone (see search/anchors.py)
     finetune_size: int = 10000
@@ -77,18 +85,11 @@ class SearchSection:
 class ConstraintsSection:
     """Limits a shipped model must meet. Each becomes an Optuna constraint; none is a weight."""
 
-    max_accuracy_drop: float | None = None  # fraction of the baseline's validation accuracy, e.g. 0.01
+    # The drop of the task metric (accuracy, or workload.metric) below the baseline's, on
+    # validation, in points of the fraction: 0.01 is one point.
+    max_accuracy_drop: float | None = None
     max_size_bytes: int | None = None
     max_latency_ms: float | None = None
-
-    def limits(self) -> dict[str, float]:
-        """Measured figure → its limit, for the limits that are set."""
-        named = {
-            "accuracy_drop": self.max_accuracy_drop,
-            "size_bytes": self.max_size_bytes,
-            "latency_ms": self.max_latency_ms,
-        }
-        return {key: float(limit) for key, limit in named.items() if limit is not None}
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,21 @@ class Config:
         data["latency"]["batch_sizes"] = list(self.latency.batch_sizes)
         data["search_space"] = {key: param.to_yaml() for key, param in self.search_space.items()}
         return data
+
+    @property
+    def metric(self) -> str:
+        """The task metric the study scores by."""
+        return self.workload.metric
+
+    def limits(self) -> dict[str, float]:
+        """Measured figure → its limit, for the limits that are set."""
+        c = self.constraints
+        named = {
+            f"{self.metric}_drop": c.max_accuracy_drop,
+            "size_bytes": c.max_size_bytes,
+            "latency_ms": c.max_latency_ms,
+        }
+        return {key: float(limit) for key, limit in named.items() if limit is not None}
 
     def identity(self) -> dict[str, Any]:
         """What defines the study: everything but the trial budget."""
@@ -222,9 +238,20 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"search.trial_timeout must be >= 0 seconds (0: no limit), got {s.trial_timeout}")
     _choice("search.sampler", s.sampler, SAMPLER_NAMES)
     _check_device(s.device)
+    _choice("workload.metric", w.metric, task_metrics())
+    if OBJECTIVES[w.metric].outputs != "logits" and w.training.epochs and not w.checkpoint:
+        raise ConfigError(
+            f"workload.metric {w.metric!r} scores a model's {OBJECTIVES[w.metric].outputs}, which a classifier's "
+            f"training cannot produce: set workload.training.epochs to 0 (the pretrained model) or give a checkpoint"
+        )
     for name in s.objectives:
         if name not in OBJECTIVES:
             raise ConfigError(f"search.objectives must be drawn from {list(OBJECTIVES)}, got {name!r}")
+        if OBJECTIVES[name].task_metric and name != w.metric:
+            raise ConfigError(
+                f"search.objectives names the task metric {name!r}, but workload.metric is {w.metric!r}: "
+                f"list {w.metric!r} instead, or set workload.metric"
+            )
     c = config.constraints
     if c.max_accuracy_drop is not None and not 0.0 <= c.max_accuracy_drop < 1.0:
         raise ConfigError(f"constraints.max_accuracy_drop must be in [0, 1), got {c.max_accuracy_drop}")
@@ -251,11 +278,15 @@ def parse_config(raw: Any, default_name: str = "experiment") -> Config:
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; valid top-level keys are {sorted(fields)}")
+    workload = _section(WorkloadSection, raw.get("workload"), "workload")
+    search = _section(SearchSection, raw.get("search"), "search")
+    if "objectives" not in (raw.get("search") or {}):
+        search = dataclasses.replace(search, objectives=default_objectives(workload.metric))
     config = Config(
         name=_check_value("name", raw.get("name", default_name), str),
         seed=_check_value("seed", raw.get("seed", 0), int),
-        workload=_section(WorkloadSection, raw.get("workload"), "workload"),
-        search=_section(SearchSection, raw.get("search"), "search"),
+        workload=workload,
+        search=search,
         constraints=_section(ConstraintsSection, raw.get("constraints"), "constraints"),
         latency=_section(LatencySection, raw.get("latency"), "latency"),
     )

@@ -4,7 +4,7 @@ Optuna has no early stopping for multi-objective studies, so the search has its 
 trial that fine-tunes two or more epochs has something to save. Fine-tuning changes neither
 the model's size nor its latency, so both are measured first on the same candidate built
 without fine-tuning (a probe). The feasible completed trials that are no larger and no slower
-(within SLACK) are its neighbours; after the first epoch, the candidate's accuracy on
+(within SLACK) are its neighbours; after the first epoch, the candidate's task metric on
 VAL_SAMPLES validation samples must come within `search.early_stop_margin` of the best of
 them, or the trial stops as PRUNED, with the reason.
 """
@@ -21,8 +21,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from objectives.accuracy import top1_accuracy
-from search.prepare import Prepared, batched, deploy, measure
+from search.prepare import Prepared, batched, deploy, measure, task_metric
 from search.records import feasible
 from strategies import pipeline
 from strategies.base import StrategyConfig
@@ -58,26 +57,30 @@ def early_stop_check(
     """The check to run after each fine-tune epoch of this trial (or the plain one)."""
     s = p.config.search
     distill = configs.get("distillation")
-    others = [o for o in p.objectives if o.name != "accuracy"]
+    m = p.config.metric
+    others = [o for o in p.objectives if o.name != m]
     if not s.early_stop or distill is None or distill.epochs < 2 or len(others) == len(p.objectives):
         return p.context.after_epoch
     neighbours = _neighbours(p, trial, configs, others)
     if not neighbours:
         return p.context.after_epoch
-    best = max(neighbours, key=lambda t: t.user_attrs["accuracy"])
+    best = max(neighbours, key=lambda t: t.user_attrs[m])
     n = min(VAL_SAMPLES, len(p.workload.val.x))
+    reference = p.eval_context.val_reference
+    reference = None if reference is None else reference[:n]
 
     def check(model: torch.nn.Module, epoch: int) -> None:
         p.context.after_epoch(model, epoch)
         if epoch != 1:
             return
-        accuracy = top1_accuracy(lambda x: batched(model, x), p.workload.val.x[:n], p.workload.val.y[:n])
-        trial.set_user_attr("early_accuracy", accuracy)
-        short = best.user_attrs["accuracy"] - accuracy
+        val = p.workload.val
+        figure = task_metric(p.config).on(lambda x: batched(model, x), val.x[:n], val.y[:n], reference)
+        trial.set_user_attr(f"early_{m}", figure)
+        short = best.user_attrs[m] - figure
         if short > s.early_stop_margin:
             raise StoppedEarly(
-                f"stopped early: after fine-tune epoch 1 of {distill.epochs}, accuracy {accuracy:.4f} on {n} "
-                f"validation samples is {short:.2%} below trial {best.number} ({best.user_attrs['accuracy']:.4f}), "
+                f"stopped early: after fine-tune epoch 1 of {distill.epochs}, {m} {figure:.4f} on {n} "
+                f"validation samples is {short:.2%} below trial {best.number} ({best.user_attrs[m]:.4f}), "
                 f"which is no larger and no slower (margin {s.early_stop_margin:.2%})"
             )
 

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from optuna.trial import FixedTrial, TrialState
 
-from objectives.accuracy import top1_accuracy
 from search import front, package, records, report, rundir
-from search.prepare import Prepared, deploy
+from search.prepare import Prepared, deploy, reference_outputs, task_metric
 from search.trial import TRIAL_FAILURES, runtime_disagreement
 from strategies import pipeline
 from strategies.artifact import load_artifact
@@ -46,14 +45,21 @@ class SearchResult:
     registered_model: str | None = None  # "name/version" in the MLflow Model Registry
 
 
+def _on_split(p: Prepared, predict: Any, split: str) -> float:
+    """The study's task metric of `predict` on the val or the test split."""
+    data = getattr(p.workload, split)
+    reference = p.eval_context.val_reference if split == "val" else p.test_reference
+    return task_metric(p.config).on(predict, data.x, data.y, reference)
+
+
 def _scored(p: Prepared, deployable: Deployable, baseline_test: float) -> dict[str, float]:
-    """A deployed finalist's val and test accuracy, and its noisy figures measured again, longer."""
-    test = p.workload.test
+    """A deployed finalist's task metric on val and test, and its noisy figures measured again, longer."""
+    m = p.config.metric
     figures = {
-        "val_accuracy": top1_accuracy(deployable.predict, p.workload.val.x, p.workload.val.y),
-        "test_accuracy": top1_accuracy(deployable.predict, test.x, test.y),
+        f"val_{m}": _on_split(p, deployable.predict, "val"),
+        f"test_{m}": _on_split(p, deployable.predict, "test"),
     }
-    figures["test_accuracy_drop"] = baseline_test - figures["test_accuracy"]
+    figures[f"test_{m}_drop"] = baseline_test - figures[f"test_{m}"]
     latency = dataclasses.replace(p.eval_context.latency, repeats=p.config.latency.final_repeats)
     context = dataclasses.replace(p.eval_context, latency=latency)
     for objective in p.reported:
@@ -67,12 +73,14 @@ def _final_figures(p: Prepared, row: dict[str, Any], baseline_test: float) -> di
     trial_dir = rundir.trial_dir(p.run_dir, row["trial"])
     model = load_artifact(trial_dir / ARTIFACT_NAME, p.workload.factory)
     figures = _scored(p, deploy(p.config, p.workload, model, trial_dir / "final"), baseline_test)
-    if figures["val_accuracy"] != row.get("accuracy", figures["val_accuracy"]):
+    m = p.config.metric
+    if figures[f"val_{m}"] != row.get(m, figures[f"val_{m}"]):
         logger.warning(
-            "trial %d rebuilt from its artifact scores %.4f on val, not %.4f",
+            "trial %d rebuilt from its artifact scores %s %.4f on val, not %.4f",
             row["trial"],
-            figures["val_accuracy"],
-            row["accuracy"],
+            m,
+            figures[f"val_{m}"],
+            row[m],
         )
     return figures
 
@@ -103,32 +111,34 @@ def finished_figures(p: Prepared, row: dict[str, Any], baseline_test: float) -> 
 def finalize(p: Prepared, pareto: list[dict[str, Any]], finish: set[int] = frozenset()) -> dict[str, float]:
     """Re-measure every Pareto row (updated in place), and put the rows of `finish` through the
     finishing stage; returns the baseline's test figures."""
-    test = p.workload.test
-    baseline = {"baseline_test_accuracy": top1_accuracy(p.baseline_deployable.predict, test.x, test.y)}
+    m = p.config.metric
+    p.test_reference = reference_outputs(p.config, p.workload, p.workload.test)
+    baseline = {f"baseline_test_{m}": _on_split(p, p.baseline_deployable.predict, "test")}
     for row in pareto:
-        figures = _final_figures(p, row, baseline["baseline_test_accuracy"])
+        figures = _final_figures(p, row, baseline[f"baseline_test_{m}"])
         if row["trial"] in finish:
-            figures.update(finished_figures(p, row, baseline["baseline_test_accuracy"]))
+            figures.update(finished_figures(p, row, baseline[f"baseline_test_{m}"]))
         row.update(figures)
         if row.get("mlflow_run_id"):
             p.tracker.log(row["mlflow_run_id"], metrics=records.numbers_of(figures))
         logger.info(
-            "finalist trial %d: val %.4f, test %.4f, %.3f ms (%.2fx)%s",
+            "finalist trial %d: val %s %.4f, test %.4f, %.3f ms (%.2fx)%s",
             row["trial"],
-            figures["val_accuracy"],
-            figures["test_accuracy"],
+            m,
+            figures[f"val_{m}"],
+            figures[f"test_{m}"],
             figures.get("final_latency_ms", float("nan")),
             figures.get("final_speedup", float("nan")),
-            _finish_note(figures),
+            _finish_note(figures, m),
         )
     return baseline
 
 
-def _finish_note(figures: dict[str, Any]) -> str:
-    if "finished_val_accuracy" in figures:
+def _finish_note(figures: dict[str, Any], m: str) -> str:
+    if f"finished_val_{m}" in figures:
         return (
-            f"; finished with {figures['finished_epochs']} epochs: val {figures['finished_val_accuracy']:.4f}, "
-            f"test {figures['finished_test_accuracy']:.4f}"
+            f"; finished with {figures['finished_epochs']} epochs: val {figures[f'finished_val_{m}']:.4f}, "
+            f"test {figures[f'finished_test_{m}']:.4f}"
         )
     return f"; not finished: {figures['finish_reason']}" if "finish_reason" in figures else ""
 
@@ -155,7 +165,9 @@ def summarize(p: Prepared) -> SearchResult:
     rows = records.trial_rows(p.study, p.baseline)
     pareto = [r for r in rows if r["pareto"]]
     objectives = p.config.search.objectives
-    recommended, rule = front.recommend(pareto, p.baseline, objectives, p.config.constraints.max_accuracy_drop)
+    recommended, rule = front.recommend(
+        pareto, p.baseline, objectives, p.config.constraints.max_accuracy_drop, p.config.metric
+    )
     if pareto:
         final_baseline = finalize(p, pareto, _to_finish(p, pareto, recommended))
         p.baseline.update(final_baseline)
@@ -176,8 +188,9 @@ def summarize(p: Prepared) -> SearchResult:
         {
             "study": p.config.name,
             "objectives": list(objectives),
+            "metric": p.config.metric,
             "baseline": p.baseline,
-            "constraints": p.config.constraints.limits(),
+            "constraints": p.config.limits(),
             "pareto": pareto,
             "recommended": recommended,
             "rule": rule,

@@ -65,6 +65,7 @@ def recommend(
     baseline: Mapping[str, float],
     objectives: Sequence[str],
     max_accuracy_drop: float | None,
+    metric: str = "accuracy",
 ) -> tuple[Mapping[str, Any] | None, str]:
     """The configuration to ship among the (feasible) Pareto rows, and the rule that chose it.
 
@@ -74,11 +75,11 @@ def recommend(
     if not front:
         return None, "no Pareto-optimal trial to recommend"
     if max_accuracy_drop is not None and "size_bytes" in front[0]:
-        within = [r for r in front if baseline["accuracy"] - r["accuracy"] <= max_accuracy_drop + 1e-12]
+        within = [r for r in front if baseline[metric] - r[metric] <= max_accuracy_drop + 1e-12]
         if within:
-            best = min(within, key=lambda r: (r["size_bytes"], -r["accuracy"]))
+            best = min(within, key=lambda r: (r["size_bytes"], -r[metric]))
             return best, (
-                f"the smallest model within the accuracy limit (validation drop <= {100 * max_accuracy_drop:.2f} pt)"
+                f"the smallest model within the {metric} limit (validation drop <= {100 * max_accuracy_drop:.2f} pt)"
             )
     return knee(front, baseline, objectives), (
         "the knee of the front: the point closest to the ideal one, each objective scaled to [0, 1] over the front"

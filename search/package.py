@@ -4,8 +4,9 @@ A package directory holds
 
 - ``model.onnx``: what ONNX Runtime ran for the trial,
 - ``weights.acw``: the packed weights file, exactly the trial's ``size_bytes`` long,
-- ``model.json``: the model spec to rebuild from the weights, the trial's parameters and
-  its measured figures.
+- ``model.json``: the model spec to rebuild from the weights, the trial's parameters, its
+  measured figures, and the preprocessing that turns raw inputs into the model's,
+- ``tokenizer.json``: for a text model, the tokenizer that preprocessing names.
 
 `register` puts the recommended trial's package in the registry, with a state dict as
 numpy's .npz (never a pickle).
@@ -25,9 +26,9 @@ from optuna.trial import TrialState
 from torch import nn
 
 from search import rundir
+from search.columns import final_columns
 from search.config import ConfigError
 from search.records import numbers_of, trial_params
-from search.report import FINAL_COLUMNS
 from search.storage import open_study
 from search.workload import model_factory
 from strategies.artifact import load_artifact
@@ -53,21 +54,27 @@ def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
     trial = complete[trial_number]
     finalist = _finalist_figures(run_dir, trial_number)
     source = rundir.trial_dir(run_dir, trial_number)
-    if finished_is_better(finalist):  # the finishing stage's longer fine-tune, chosen on val
+    if finished_is_better(finalist, config.metric):  # the finishing stage's longer fine-tune, chosen on val
         source = rundir.finished_dir(run_dir, trial_number)
     out.mkdir(parents=True, exist_ok=True)
     for name in (ARTIFACT_NAME, ONNX_NAME):
         if (source / name).exists():
             shutil.copy2(source / name, out / name)
+    preprocessing = rundir.read_preprocessing(run_dir)
+    if preprocessing.get("tokenizer"):  # the tokenizer the model's inputs come from, beside it
+        shutil.copy2(run_dir / preprocessing["tokenizer"], out / rundir.TOKENIZER_FILE)
     spec = {
         "package_version": PACKAGE_VERSION,
         "study": config.name,
         "trial": trial_number,
         "model": config.workload.model,
+        "metric": config.metric,
+        # How raw inputs become model.onnx's (for text: the tokenizer file in the package, its length).
+        "preprocessing": preprocessing,
         "params": trial_params(trial),
         "metrics": numbers_of(trial.user_attrs),
         "finalist": finalist,
-        "finished": finished_is_better(finalist),
+        "finished": finished_is_better(finalist, config.metric),
         "config": config.identity(),
     }
     (out / SPEC_NAME).write_text(json.dumps(spec, indent=2, sort_keys=True))
@@ -86,10 +93,11 @@ def _finalist_figures(run_dir: Path, trial_number: int) -> dict[str, Any]:
     return {}
 
 
-def finished_is_better(row: dict[str, Any]) -> bool:
-    """Whether a finalist's finishing stage gave a model at least as accurate on val as its own."""
-    finished = row.get("finished_val_accuracy")
-    return finished is not None and finished >= row.get("val_accuracy", float("inf"))
+def finished_is_better(row: dict[str, Any], m: str = "accuracy") -> bool:
+    """Whether a finalist's finishing stage gave a model at least as good on val (by the task
+    metric `m`) as its own."""
+    finished = row.get(f"finished_val_{m}")
+    return finished is not None and finished >= row.get(f"val_{m}", float("inf"))
 
 
 def load_package(path: Path) -> nn.Module:
@@ -114,7 +122,8 @@ def register(run_dir: Path, tracker: Any, model_name: str) -> int | None:
         package = export_trial(run_dir, int(row["trial"]), Path(tmp) / "model")
         state = {k: v.detach().cpu().numpy() for k, v in load_package(package).state_dict().items()}
         np.savez(package / STATE_DICT_FILE, **state)
-        prefix = "finished_" if finished_is_better(row) else ""  # the package holds that model
-        figures = {k: row[prefix + k] for k in FINAL_COLUMNS if prefix + k in row}
+        m = summary.get("metric", "accuracy")
+        prefix = "finished_" if finished_is_better(row, m) else ""  # the package holds that model
+        figures = {k: row[prefix + k] for k in final_columns(m, [row]) if prefix + k in row}
         tags = {"trial": row["trial"], "rule": summary["rule"], "finished": bool(prefix), **figures}
         return tracker.register_model(model_name, row["mlflow_run_id"], package, tags)

@@ -25,12 +25,13 @@ import torch
 from objectives.base import EvalContext, Objective
 from objectives.complexity import count_macs, count_params
 from objectives.registry import get_objective, objective_of_limit
+from objectives.task import TaskMetric
 from search import rundir, signals, storage
 from search.anchors import enqueue_anchors
-from search.config import Config, ConfigError, SearchSection
+from search.config import Config, ConfigError, default_objectives
 from search.samplers import make_sampler
 from search.tracking import Tracker
-from search.workload import Workload, build_workload
+from search.workload import Split, Workload, build_workload
 from strategies.artifact import size_breakdown
 from strategies.base import Context, Strategy
 from strategies.inputs import Inputs
@@ -60,6 +61,7 @@ class Prepared:
     parent_run_id: str
     driver: bool = True  # the process that created or resumed the study, not a worker that joined it
     lock: Any = field(default=None, repr=False)  # the driver's lock on the run directory, released by close()
+    test_reference: torch.Tensor | None = None  # the baseline's outputs on test, for fidelity (finalize)
 
     def close(self) -> None:
         if self.lock is not None:
@@ -106,9 +108,18 @@ def measure(
     return metrics
 
 
-def describe_baseline(baseline: dict[str, float]) -> str:
+def task_metric(config: Config) -> TaskMetric:
+    return get_objective(config.metric)()
+
+
+def reference_outputs(config: Config, workload: Workload, split: Split) -> torch.Tensor | None:
+    """The baseline's own outputs on `split`, for a task metric scored against them (fidelity)."""
+    return batched(workload.model, split.x) if task_metric(config).needs_reference else None
+
+
+def describe_baseline(baseline: dict[str, float], metric: str = "accuracy") -> str:
     """One line of the baseline's figures, as the log, the terminal and the report show it."""
-    parts = [f"accuracy {baseline['accuracy']:.4f}"]
+    parts = [f"{metric} {baseline[metric]:.4f}"]
     if "size_bytes" in baseline:
         parts.append(f"size {baseline['size_bytes'] / 1024:.1f} kB")
     if "latency_ms" in baseline:
@@ -130,14 +141,15 @@ def _objectives(config: Config) -> tuple[list[Objective], list[Objective], list[
     them); those and the default objectives (the baseline and the finalists measure them, so
     the report can say what a model costs in each, searched or not)."""
     objectives = [get_objective(name)() for name in config.search.objectives]
-    needed = {objective_of_limit(key).name for key in config.constraints.limits()}
+    needed = {objective_of_limit(key).name for key in config.limits()}
     measured = objectives + [get_objective(n)() for n in sorted(needed - set(config.search.objectives))]
-    defaults = [n for n in SearchSection().objectives if n not in {o.name for o in measured}]
+    defaults = [n for n in default_objectives(config.metric) if n not in {o.name for o in measured}]
     return objectives, measured, measured + [get_objective(n)() for n in defaults]
 
 
 def _workload(config: Config, run_dir: Path, fresh: bool, progress: Callable[[str], None]) -> Workload:
     section = {f.name: getattr(config.workload, f.name) for f in dataclasses.fields(config.workload)}
+    del section["metric"]  # how the model is scored, not what defines it
     try:
         return build_workload(
             **section,
@@ -152,7 +164,13 @@ def _workload(config: Config, run_dir: Path, fresh: bool, progress: Callable[[st
 
 
 def _open_study(
-    config: Config, run_dir: Path, database: Any, driver: bool, fresh: bool, progress: Callable[[str], None]
+    config: Config,
+    workload: Workload,
+    run_dir: Path,
+    database: Any,
+    driver: bool,
+    fresh: bool,
+    progress: Callable[[str], None],
 ) -> tuple[optuna.Study, Any]:
     """Open (a driver: create) the study; only now, with every input checked, is the run
     directory written. Returns the study and the driver's lock on the directory."""
@@ -170,6 +188,7 @@ def _open_study(
     if database is None:
         storage.repair_journal(run_dir)
     rundir.write_run_config(run_dir, config)
+    rundir.write_preprocessing(run_dir, workload.preprocessing)
     study = storage.open_study(run_dir, config, database)
     storage.check_study_config(study, config)
     return study, lock
@@ -194,6 +213,7 @@ def _contexts(
         seed=config.seed,
         batch_size=s.batch_size,
         device=s.device,
+        outputs=task_metric(config).outputs,
         report=_progress_of_trial,
     )
     for strategy in strategies:  # deterministic, so every process of a study computes the same scans
@@ -202,7 +222,11 @@ def _contexts(
             progress(f"sensitivity scan for {strategy.name}: {len(scan)} layers, each alone")
             context.sensitivity[strategy.name] = scan
     eval_context = EvalContext(
-        val_x=workload.val.x, val_y=workload.val.y, example_inputs=workload.example_inputs, latency=config.latency
+        val_x=workload.val.x,
+        val_y=workload.val.y,
+        example_inputs=workload.example_inputs,
+        latency=config.latency,
+        val_reference=reference_outputs(config, workload, workload.val),
     )
     return context, eval_context
 
@@ -282,7 +306,7 @@ def prepare(
     objectives, measured, reported = _objectives(config)
     database = storage.open_storage(run_dir, storage_url) if storage_url else None  # reachable? say so now
     workload = _workload(config, run_dir, fresh, progress)
-    study, lock = _open_study(config, run_dir, database, driver, fresh, progress)
+    study, lock = _open_study(config, workload, run_dir, database, driver, fresh, progress)
     try:
         context, eval_context = _contexts(config, workload, strategies, progress)
         progress("measuring the baseline")
@@ -312,5 +336,5 @@ def prepare(
         if lock is not None:
             lock.close()
         raise
-    progress(f"baseline: {describe_baseline(baseline)}, {int(baseline['params'])} params")
+    progress(f"baseline: {describe_baseline(baseline, config.metric)}, {int(baseline['params'])} params")
     return p

@@ -19,48 +19,8 @@ import optuna
 from optuna.trial import TrialState
 
 from search import front, rundir
+from search.columns import HEADERS, final_columns, finish_columns, fmt, header, metric_columns
 from search.records import feasible_points, params_of, reason, trial_rows
-
-METRIC_COLUMNS = ("accuracy", "size_bytes", "latency_ms", "compression_ratio", "speedup", "accuracy_drop")
-FINAL_COLUMNS = (
-    "val_accuracy",
-    "test_accuracy",
-    "size_bytes",
-    "compression_ratio",
-    "final_latency_ms",
-    "final_speedup",
-    "final_latency_ms_b64",
-    "final_speedup_b64",
-)
-HEADERS = {
-    "val_accuracy": "val_acc",
-    "test_accuracy": "test_acc",
-    "size_bytes": "size",
-    "compression_ratio": "ratio",
-    "final_latency_ms": "latency",
-    "final_speedup": "speedup",
-    "final_latency_ms_b64": "latency_b64",
-    "final_speedup_b64": "speedup_b64",
-    "accuracy_drop": "acc_drop",
-    "final_latency_p90_ms": "p90",
-    "final_latency_spread": "spread",
-    "final_latency_p90_ms_b64": "p90_b64",
-    "final_latency_spread_b64": "spread_b64",
-    "finished_epochs": "epochs",
-    "finished_val_accuracy": "finished val_acc",
-    "finished_test_accuracy": "finished test_acc",
-    "finished_size_bytes": "finished size",
-    **{f"size_{part}_bytes": part for part in ("codes", "indices", "scales", "raw", "header")},
-}
-FINISH_COLUMNS = (
-    "finished_epochs",
-    "val_accuracy",
-    "finished_val_accuracy",
-    "test_accuracy",
-    "finished_test_accuracy",
-    "size_bytes",
-    "finished_size_bytes",
-)
 
 
 def param_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -98,7 +58,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def write_plot(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], path: Path) -> Path:
+def write_plot(
+    rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], path: Path, m: str = "accuracy"
+) -> Path:
     plt = _pyplot()
     done = [r for r in rows if r["state"] == "COMPLETE"]
     front = [r for r in done if r["pareto"]]
@@ -110,7 +72,7 @@ def write_plot(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
             return [r[key] * scale for r in group if key in r]
 
         def ys(group, key=key):
-            return [r["accuracy"] for r in group if key in r]
+            return [r[m] for r in group if key in r]
 
         feasible = [r for r in done if r.get("feasible", True)]
         infeasible = [r for r in done if not r.get("feasible", True)]
@@ -126,36 +88,20 @@ def write_plot(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
             )
         ax.scatter(xs(front), ys(front), s=36, c="tab:red", label="Pareto-optimal")
         if key in baseline:
-            ax.scatter([baseline[key] * scale], [baseline["accuracy"]], marker="*", s=160, c="k", label="baseline")
+            ax.scatter([baseline[key] * scale], [baseline[m]], marker="*", s=160, c="k", label="baseline")
         ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("val accuracy")
+        ax.set_ylabel(f"val {m}")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right")
     return _save(fig, path, 110)
 
 
-def fmt(key: str, value: Any) -> str:
-    if value is None or value == "":
-        return "-"
-    if key.endswith("_bytes"):
-        return f"{value / 1024:.1f} kB"
-    if "latency_ms" in key or "p90_ms" in key:
-        return f"{value:.3f} ms"
-    if "spread" in key:
-        return f"±{100 * value:.0f}%"
-    if "speedup" in key or key == "compression_ratio":
-        return f"{value:.2f}x"
-    if isinstance(value, float):
-        return f"{value:.4f}" if "accuracy" in key else f"{value:.3g}"
-    return str(value)
-
-
-def format_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = METRIC_COLUMNS) -> str:
+def format_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = metric_columns()) -> str:
     """A plain text table: trial, its parameters, then the measured figures."""
     params = param_columns(rows)
     shown = [m for m in metrics if any(m in r for r in rows)]
-    headers = ["trial", *[p.split(".", 1)[1] for p in params], *[HEADERS.get(m, m) for m in shown]]
+    headers = ["trial", *[p.split(".", 1)[1] for p in params], *[header(m) for m in shown]]
     keys = ["trial", *params, *shown]
     body = [[fmt(k, row.get(k)) for k in keys] for row in rows]
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(headers)]
@@ -173,12 +119,13 @@ def result_text(config: Any, result: Any) -> str:
     lines: list[str] = []
     add = lines.append
     baseline = result.prepared.baseline
+    m = config.metric
     lat = config.latency
     batches = "/".join(str(b) for b in lat.batch_sizes)
     add("")
     add(
-        f"baseline: val accuracy {baseline['accuracy']:.4f}  test accuracy "
-        f"{baseline.get('baseline_test_accuracy', float('nan')):.4f}  size {baseline['size_bytes'] / 1024:.1f} kB  "
+        f"baseline: val {m} {baseline[m]:.4f}  test {m} "
+        f"{baseline.get(f'baseline_test_{m}', float('nan')):.4f}  size {baseline['size_bytes'] / 1024:.1f} kB  "
         f"latency {baseline['latency_ms']:.3f} ms ({lat.runtime}, batch {batches}, "
         f"{lat.threads} thread{'s' if lat.threads > 1 else ''})"
     )
@@ -190,17 +137,17 @@ def result_text(config: Any, result: Any) -> str:
     add("")
     if result.pareto:
         add(f"Pareto-optimal trials, rebuilt from their artifacts and timed again ({lat.final_repeats} runs):")
-        add(format_table(result.pareto, FINAL_COLUMNS))
+        add(format_table(result.pareto, final_columns(m, result.pareto)))
     elif result.closest:
-        add(f"no trial meets the constraints {config.constraints.limits()}; the closest ones:")
-        add(format_table(result.closest, ("accuracy", "accuracy_drop", "size_bytes", "latency_ms", "violation")))
+        add(f"no trial meets the constraints {config.limits()}; the closest ones:")
+        add(format_table(result.closest, (m, f"{m}_drop", "size_bytes", "latency_ms", "violation")))
     else:
         add("no completed trials, so no Pareto front")
     add("")
     if result.recommended is not None:
         add(f"recommended: trial {result.recommended['trial']}, {result.rule}")
-        add(f"  {_describe(result.recommended)}")
-        if finishing := _finishing(result.recommended):
+        add(f"  {_describe(result.recommended, m)}")
+        if finishing := _finishing(result.recommended, m):
             add(f"  {finishing}")
         if result.registered_model:
             add(f"  registered in the MLflow Model Registry as {result.registered_model}")
@@ -208,24 +155,24 @@ def result_text(config: Any, result: Any) -> str:
     return "\n".join(lines)
 
 
-def _finishing(row: Mapping[str, Any]) -> str:
+def _finishing(row: Mapping[str, Any], m: str) -> str:
     """What the finishing stage did to a finalist, in one line ("" when it did not run)."""
     if "finish_reason" in row:
         return f"not finished: {row['finish_reason']}"
-    if "finished_val_accuracy" not in row:
+    if f"finished_val_{m}" not in row:
         return ""
-    shipped = "the finished model" if row["finished_val_accuracy"] >= row["val_accuracy"] else "its own model"
+    shipped = "the finished model" if row[f"finished_val_{m}"] >= row[f"val_{m}"] else "its own model"
     return (
-        f"finished with a {row['finished_epochs']}-epoch fine-tune: val {row['val_accuracy']:.4f} -> "
-        f"{row['finished_val_accuracy']:.4f}, test {row['test_accuracy']:.4f} -> {row['finished_test_accuracy']:.4f}, "
+        f"finished with a {row['finished_epochs']}-epoch fine-tune: val {m} {row[f'val_{m}']:.4f} -> "
+        f"{row[f'finished_val_{m}']:.4f}, test {row[f'test_{m}']:.4f} -> {row[f'finished_test_{m}']:.4f}, "
         f"{row['finished_size_bytes'] / 1024:.1f} kB; the package holds {shipped} (chosen on val)"
     )
 
 
-def _describe(row: Mapping[str, Any]) -> str:
-    figures = [f"val {row['accuracy']:.4f}"]
-    if "test_accuracy" in row:
-        figures.append(f"test {row['test_accuracy']:.4f}")
+def _describe(row: Mapping[str, Any], m: str) -> str:
+    figures = [f"val {m} {row[m]:.4f}"]
+    if f"test_{m}" in row:
+        figures.append(f"test {row[f'test_{m}']:.4f}")
     if "size_bytes" in row:
         figures.append(f"{row['size_bytes'] / 1024:.1f} kB ({row['compression_ratio']:.1f}x smaller)")
     if "final_latency_ms" in row:
@@ -268,7 +215,7 @@ def _image(path: Path) -> str:
 
 
 def _table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(HEADERS.get(k, k.split('.', 1)[-1]))}</th>" for k in keys)
+    head = "".join(f"<th>{html.escape(k.split('.', 1)[1] if '.' in k else header(k))}</th>" for k in keys)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(k, r.get(k)))}</td>" for k in keys) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -293,22 +240,26 @@ def _recommendation_html(summary: Mapping[str, Any]) -> str:
         return f"<p>No recommendation: {html.escape(summary['rule'])}.</p>"
     return (
         f'<div class="pick"><b>Ship trial {recommended["trial"]}</b>: {html.escape(summary["rule"])}.<br>'
-        f"{_table([recommended], [k for k in FINAL_COLUMNS if k in recommended])}<br>"
+        f"{_table([recommended], [k for k in final_columns(_metric(summary), [recommended]) if k in recommended])}<br>"
         f"Configuration: <code>{html.escape(json.dumps(params_of(recommended), sort_keys=True))}</code></div>"
     )
 
 
+def _metric(summary: Mapping[str, Any]) -> str:
+    return summary.get("metric", "accuracy")  # summaries written before task metrics had a name
+
+
 def _front_html(summary: Mapping[str, Any], plot: str) -> str:
-    pareto, closest = summary["pareto"], summary["closest"]
+    pareto, closest, m = summary["pareto"], summary["closest"], _metric(summary)
     if pareto:
-        keys = ["trial", *param_columns(pareto), "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio"]
+        keys = ["trial", *param_columns(pareto), f"val_{m}", f"test_{m}", "size_bytes", "compression_ratio"]
         keys += sorted(k for k in pareto[0] if k.startswith(("final_latency", "final_speedup")))
         parts = [k for k in HEADERS if k.startswith("size_") and k in pareto[0]]
         where = "<p>Where the bytes of each packed file go:</p>" + _table(pareto, ["trial", "size_bytes", *parts])
         note = codebook_note(pareto)
         return plot + _table(pareto, keys) + (where if parts else "") + (f"<p>{html.escape(note)}</p>" if note else "")
     if closest:
-        keys = ["trial", *param_columns(closest), "accuracy", "accuracy_drop", "size_bytes", "latency_ms"]
+        keys = ["trial", *param_columns(closest), m, f"{m}_drop", "size_bytes", "latency_ms"]
         return (
             "<p><b>No trial meets the constraints.</b> The closest candidates:</p>"
             + plot
@@ -331,11 +282,12 @@ def codebook_note(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _finishing_html(summary: Mapping[str, Any]) -> str:
-    rows = [r for r in summary["pareto"] if "finished_val_accuracy" in r or "finish_reason" in r]
+    m = _metric(summary)
+    rows = [r for r in summary["pareto"] if f"finished_val_{m}" in r or "finish_reason" in r]
     if not rows:
         return ""
-    notes = "".join(f"<li>trial {r['trial']}: {html.escape(_finishing(r))}</li>" for r in rows)
-    return "<h2>Finishing stage</h2>" + _table(rows, ["trial", *FINISH_COLUMNS]) + f"<ul>{notes}</ul>"
+    notes = "".join(f"<li>trial {r['trial']}: {html.escape(_finishing(r, m))}</li>" for r in rows)
+    return "<h2>Finishing stage</h2>" + _table(rows, ["trial", *finish_columns(m)]) + f"<ul>{notes}</ul>"
 
 
 def _failures_html(failures: Mapping[str, list[tuple[int, str]]]) -> str:
@@ -353,10 +305,10 @@ def _failures_html(failures: Mapping[str, list[tuple[int, str]]]) -> str:
 def write_report(run_dir: Path, study: optuna.Study) -> Path:
     """Write ``report.html`` in `run_dir` from its summary and the study's trials."""
     summary = rundir.read_summary(run_dir)
-    baseline, objectives = summary["baseline"], summary["objectives"]
+    baseline, objectives, m = summary["baseline"], summary["objectives"], _metric(summary)
     rows = trial_rows(study, baseline)
     history = hypervolume_history(study.trials, baseline, objectives)
-    plot = _image(write_plot(rows, baseline, run_dir / rundir.PLOT_FILE))
+    plot = _image(write_plot(rows, baseline, run_dir / rundir.PLOT_FILE, m))
     with tempfile.TemporaryDirectory() as tmp:
         curve = _image(_history_plot(history, Path(tmp) / "hypervolume.png")) if history else ""
     b = baseline
@@ -365,8 +317,8 @@ def write_report(run_dir: Path, study: optuna.Study) -> Path:
     title = html.escape(summary["study"])
     parts = [
         f"<h1>autocompress: {title}</h1>",
-        f"<p>Baseline: val accuracy {b['accuracy']:.4f}, "
-        f"test accuracy {b.get('baseline_test_accuracy', float('nan')):.4f}, "
+        f"<p>Baseline: val {m} {b[m]:.4f}, "
+        f"test {m} {b.get(f'baseline_test_{m}', float('nan')):.4f}, "
         f"{b['size_bytes'] / 1024:.1f} kB, {b['latency_ms']:.3f} ms. "
         f"{len([r for r in rows if r['state'] == 'COMPLETE'])} complete trials of {len(rows)}. "
         f"Constraints: {html.escape(constraints)}.</p>",
@@ -378,7 +330,7 @@ def write_report(run_dir: Path, study: optuna.Study) -> Path:
         "<h2>Failures by reason</h2>",
         _failures_html(failures_by_reason(study.trials)),
         "<h2>Hypervolume</h2>",
-        f"<p>Of the feasible front, in baseline units (accuracy drop, size and latency ratios), against the "
+        f"<p>Of the feasible front, in baseline units ({m} drop, size and latency ratios), against the "
         f"reference point ({reference}).</p>{curve}",
     ]
     page = f'<!doctype html><html><head><meta charset="utf-8"><title>autocompress {title}</title>'

@@ -9,6 +9,7 @@ results and finalists tables, ``summary.json``, the plots and ``report.html``.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ FINALISTS_FILE = "finalists.csv"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 PLOT_FILE = "pareto.png"
+# How raw inputs become the model's (the workload's preprocessing), and the tokenizer it names.
+PREPROCESSING_FILE = "preprocessing.json"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def trial_dir(run_dir: Path, number: int) -> Path:
@@ -75,6 +79,22 @@ def load_run_config(run_dir: Path) -> Config:
     if not path.exists():
         raise ConfigError(f"--run-dir {run_dir} holds no study (no {CONFIG_FILE}); run a search there first")
     return parse_config(json.loads(path.read_text()))
+
+
+def write_preprocessing(run_dir: Path, preprocessing: dict[str, Any]) -> None:
+    """Record the workload's preprocessing, with a copy of the tokenizer file it names, so that
+    an export (later, in another process) can hand both to a deployment."""
+    preprocessing = dict(preprocessing)
+    if tokenizer := preprocessing.get("tokenizer"):
+        shutil.copyfile(tokenizer, Path(run_dir) / TOKENIZER_FILE)
+        preprocessing["tokenizer"] = TOKENIZER_FILE
+    (Path(run_dir) / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=1, sort_keys=True))
+
+
+def read_preprocessing(run_dir: Path) -> dict[str, Any]:
+    """The recorded preprocessing ({} for a study recorded before there was any)."""
+    path = Path(run_dir) / PREPROCESSING_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

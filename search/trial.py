@@ -75,7 +75,8 @@ def runtime_disagreement(p: Prepared, model: torch.nn.Module, deployable: Deploy
     RuntimeMismatch past the configured limit."""
     if deployable.onnx_path is None:
         return 0.0
-    disagreement = check_agreement(deployable.predict, lambda x: batched(model, x), p.workload.val.x)
+    outputs = p.context.outputs
+    disagreement = check_agreement(deployable.predict, lambda x: batched(model, x), p.workload.val.x, outputs=outputs)
     limit = p.config.search.max_runtime_disagreement
     if disagreement > limit:
         raise RuntimeMismatch(
@@ -100,7 +101,7 @@ def _evaluate(p: Prepared, trial: optuna.Trial, run_id: str) -> dict[str, float]
         if bad:  # never hand Optuna a NaN or an infinity
             raise ObjectiveError(f"objective {bad[0]} is not finite: {metrics[bad[0]]}")
         signals.check_interrupted()
-    for key, limit in p.config.constraints.limits().items():  # <= 0 is feasible
+    for key, limit in p.config.limits().items():  # <= 0 is feasible
         trial.set_constraint(key, metrics[key] - limit)
     return metrics
 
@@ -126,7 +127,7 @@ def run_trial(p: Prepared, trial: optuna.Trial) -> tuple[float, ...]:
         p.tracker.log(
             run_id,
             tags={"state": "PRUNED", "stop_reason": str(stop)},
-            metrics={k: trial.user_attrs[k] for k in ("early_accuracy", "cpu_seconds")},
+            metrics={k: trial.user_attrs[k] for k in (f"early_{p.config.metric}", "cpu_seconds")},
         )
         p.tracker.end(run_id, "FINISHED")  # the MLflow run finished; the Optuna trial was stopped
         raise

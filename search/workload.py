@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,7 @@ BUILTIN_MODELS = {
     "lenet5": "experiments.models:lenet5",
     "lenet300": "experiments.models:lenet300",
     "minilm": "experiments.text:minilm_classifier",
+    "minilm-embedder": "experiments.text:minilm_embedder",
 }
 BUILTIN_DATASETS = {
     "fashion-mnist": "experiments.data:load_fashion_mnist",
@@ -70,6 +72,7 @@ def subset(split: Split, n: int | None, seed: int) -> Split:
 # How the baseline trains: SGD with momentum for the small CNNs and MLPs, AdamW for the
 # fine-tune of a pretrained transformer (the usual recipe for BERT-style encoders).
 OPTIMIZERS = ("sgd", "adamw")
+PROGRESS_SECONDS = 60.0  # an epoch that runs longer reports its progress this often
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,12 @@ class TrainingRecipe:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"workload.training.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"workload.training.{key} must be >= 1, got {getattr(self, key)}")
+        if self.epochs < 0:
+            raise ValueError(
+                f"workload.training.epochs must be >= 0 (0: the model as built, pretrained), got {self.epochs}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"workload.training.batch_size must be >= 1, got {self.batch_size}")
         for key in ("lr", "momentum", "weight_decay"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
@@ -105,6 +111,9 @@ class Workload:
     test: Split
     example_inputs: torch.Tensor  # a batch of one
     fingerprint: str
+    # How raw inputs become the model's, as the dataset says: normalisation for images, the
+    # tokenizer (a tokenizer.json path) and its length for text. Packages record it.
+    preprocessing: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def resolve_callable(spec: str, what: str) -> Callable:
@@ -154,14 +163,29 @@ def _as_split(value: Any, what: str) -> Split:
     return split
 
 
-def _load_dataset(dataset: str, data_dir: str | None) -> tuple[Split, Split, str]:
-    """(train, test, identity) where identity says what data this was, for the fingerprint."""
+def _preprocessing(value: Any) -> dict[str, Any]:
+    """A dataset's preprocessing record: a JSON mapping; a tokenizer it names must be a file."""
+    try:
+        value = json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError("workload.dataset: the third value it returns (preprocessing) must be a JSON mapping")
+    tokenizer = value.get("tokenizer")
+    if tokenizer is not None and not (isinstance(tokenizer, str) and Path(tokenizer).is_file()):
+        raise ValueError(f"workload.dataset: preprocessing names tokenizer {tokenizer!r}, which is not a file")
+    return value
+
+
+def _load_dataset(dataset: str, data_dir: str | None) -> tuple[Split, Split, str, dict[str, Any]]:
+    """(train, test, identity, preprocessing): identity says what data this was, for the
+    fingerprint. A dataset returns (train, test), or (train, test, preprocessing)."""
     result = _builtin_or_path(dataset, BUILTIN_DATASETS, "workload.dataset")(data_dir)
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
-        raise ValueError("workload.dataset must return a (train, test) pair")
-    train, test = (_as_split(s, "workload.dataset") for s in result)
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
+        raise ValueError("workload.dataset must return a (train, test) pair, or (train, test, preprocessing)")
+    train, test = (_as_split(s, "workload.dataset") for s in result[:2])
     identity = hashlib.sha256(fingerprint_bytes(train.x) + train.y.numpy().tobytes()).hexdigest()
-    return train, test, identity
+    return train, test, identity, _preprocessing(result[2] if len(result) == 3 else {})
 
 
 def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 1000, device: str = "cpu") -> float:
@@ -196,11 +220,15 @@ def train_baseline(
         )
     steps = recipe.epochs * math.ceil(len(train) / recipe.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    last_report = time.monotonic()
     for epoch in range(recipe.epochs):
         model.train()
         order = torch.randperm(len(train), generator=generator)
         total = 0.0
         for i in range(0, len(train), recipe.batch_size):
+            if time.monotonic() - last_report >= PROGRESS_SECONDS:  # a long epoch says how far it is
+                last_report = time.monotonic()
+                progress(f"baseline epoch {epoch + 1}/{recipe.epochs}: {i}/{len(train)} samples, loss {total / i:.4f}")
             idx = order[i : i + recipe.batch_size]
             loss = F.cross_entropy(model(train.x[idx].to(device)), train.y[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -311,7 +339,7 @@ def build_workload(
     if not isinstance(net, nn.Module):
         raise ValueError(f"workload.model: {model!r} returned {type(net).__name__}, not a torch.nn.Module")
 
-    full_train, test, data_identity = _load_dataset(dataset, data_dir)
+    full_train, test, data_identity, preprocessing = _load_dataset(dataset, data_dir)
     train, val = split_train_val(full_train, val_size, split_seed)
     train, val, test = (
         subset(s, n, split_seed) for s, n in ((train, train_subset), (val, val_subset), (test, test_subset))
@@ -334,10 +362,10 @@ def build_workload(
         recipe=dataclasses.asdict(recipe),
         seed=seed,
     )
-    if not checkpoint:
+    if not checkpoint and recipe.epochs > 0:  # 0 epochs: the model as its factory built it (pretrained)
         _cached_or_trained_(
             net, fingerprint, cache_dir or cache_dir_default(), model, (train, val), recipe, seed, progress, device
         )
     net.eval()
     name = model.rsplit(":", 1)[-1]
-    return Workload(name, net, factory, train, val, test, example_inputs, fingerprint)
+    return Workload(name, net, factory, train, val, test, example_inputs, fingerprint, preprocessing)

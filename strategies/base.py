@@ -69,6 +69,9 @@ class Context:
     seed: int = 0
     batch_size: int = 128
     device: str = "cpu"  # where fine-tuning runs; the compressed model is returned on the CPU
+    # What the model outputs: "logits" (distilled by KL at a temperature, plus the labels' CE)
+    # or "embeddings" (an embedder, distilled toward the teacher's embeddings by cosine).
+    outputs: str = "logits"
     # report(message) logs progress of long steps, e.g. each fine-tune epoch.
     report: Callable[[str], None] = field(default=lambda message: None)
     # Called as after_epoch(model, epoch) after each fine-tune epoch, with the model in eval

@@ -77,6 +77,17 @@ def distillation_loss(
     return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 − the mean cosine similarity to the teacher's embeddings: what embedding fidelity scores."""
+    return 1.0 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1).mean()
+
+
+def _loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config, outputs: str) -> torch.Tensor:
+    if outputs == "embeddings":
+        return embedding_loss(student, teacher)
+    return distillation_loss(student, teacher, labels, config.temperature, config.alpha)
+
+
 def _zero_masks(weights: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(w, w.detach() != 0) for w in weights if not bool((w.detach() != 0).all())]
 
@@ -104,9 +115,10 @@ def distill_(
     after_epoch: Callable[[nn.Module, int], None] = lambda model, epoch: None,
     on_step: Callable[[nn.Module, int, int], bool] = lambda model, step, total_steps: False,
     device: str = "cpu",
+    outputs: str = "logits",
 ) -> list[float]:
-    """Fine-tune `model` in place on `device` (it comes back on the CPU); returns the mean loss
-    of each epoch. `on_step`: Context.on_step."""
+    """Fine-tune `model` in place on `device` (back on the CPU after); returns each epoch's mean
+    loss. `on_step`, `outputs`: as Context's."""
     if len(teacher_logits) != len(x):
         raise ValueError(f"teacher_logits has {len(teacher_logits)} rows for {len(x)} samples")
     model.to(device)
@@ -126,8 +138,9 @@ def distill_(
             total = 0.0
             for i in range(0, len(x), batch_size):
                 idx = order[i : i + batch_size]
-                targets = teacher_logits[idx].to(device), y[idx].to(device)
-                loss = distillation_loss(model(x[idx].to(device)), *targets, config.temperature, config.alpha)
+                loss = _loss(
+                    model(x[idx].to(device)), teacher_logits[idx].to(device), y[idx].to(device), config, outputs
+                )
                 if not torch.isfinite(loss):
                     raise DistillationDiverged(f"distillation diverged in epoch {epoch + 1}: loss {loss.item()}")
                 optimizer.zero_grad(set_to_none=True)
@@ -145,11 +158,13 @@ def distill_(
             report(f"distillation epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f}")
             model.eval()
             after_epoch(model, epoch + 1)
-    model.to("cpu").eval()
-    for p in model.parameters():
-        if not torch.isfinite(p).all():
-            raise DistillationDiverged("distillation left non-finite weights")
+    _check_finite(model.to("cpu").eval())
     return history
+
+
+def _check_finite(model: nn.Module) -> None:
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise DistillationDiverged("distillation left non-finite weights")
 
 
 # A distillation fine-tune that works on every workload we measured.
@@ -192,6 +207,9 @@ class Distillation(Strategy):
             },
             rank=7,
         ),
+        # DistilBERT's student: half an encoder's layers, distilled from the whole model with the
+        # longest fine-tune the space allows; rate, alpha and temperature are the sampler's.
+        Anchor("student-half-depth", {"pruning.layer_ratio": 0.5, "distillation.epochs": TOP}, rank=8),
     )
 
     def suggest(self, trial: Any) -> DistillationConfig:
@@ -227,5 +245,6 @@ class Distillation(Strategy):
             after_epoch=context.after_epoch,
             on_step=context.on_step,
             device=context.device,
+            outputs=context.outputs,
         )
         return model

@@ -285,15 +285,27 @@ def materialize(
     return RUNTIMES[runtime](model, out_dir, threads, example_inputs)
 
 
+# Two embeddings of one sample agree when their cosine similarity is at least this.
+AGREE_COSINE = 0.99
+
+
 def check_agreement(
     predict_a: Callable[[Inputs], torch.Tensor],
     predict_b: Callable[[Inputs], torch.Tensor],
     x: Inputs,
     batch_size: int = 1000,
+    outputs: str = "logits",
 ) -> float:
-    """Fraction of rows whose argmax differs between two predict functions."""
+    """Fraction of rows on which two predict functions disagree: their argmax differs (logits),
+    or their cosine similarity is below AGREE_COSINE (embeddings)."""
     differ = 0
     for i in range(0, len(x), batch_size):
         batch = x[i : i + batch_size]
-        differ += int((predict_a(batch).argmax(1) != predict_b(batch).argmax(1)).sum())
+        a, b = predict_a(batch), predict_b(batch)
+        if outputs == "embeddings":
+            differ += int(
+                (torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1) < AGREE_COSINE).sum()
+            )
+        else:
+            differ += int((a.argmax(1) != b.argmax(1)).sum())
     return differ / max(1, len(x))

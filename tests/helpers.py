@@ -147,3 +147,36 @@ def texts(n=16):
 def text_context(x, **kwargs):
     labels = torch.arange(len(x)) % 2
     return Context(example_inputs=x[:1], finetune_x=x, finetune_y=labels, calibration_x=x, **kwargs)
+
+
+def tiny_bert_embedder():
+    """The same encoder as `tiny_bert`, mean-pooled to one embedding per text, no head."""
+    from experiments.text import EncoderEmbedder
+
+    return EncoderEmbedder(tiny_bert().encoder).eval()
+
+
+REVIEW_WORDS = (["great", "witty", "gorgeous", "moving", "fine"], ["dull", "boring", "awful", "tedious", "bad"])
+
+
+def review_texts(n, seed):
+    """`n` made-up snippets of four words, labelled by which list most of their words come from."""
+    g = torch.Generator().manual_seed(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        picks = torch.randint(0, 2, (4,), generator=g).tolist()
+        words = [REVIEW_WORDS[p][int(torch.randint(0, 5, (1,), generator=g))] for p in picks]
+        texts.append(" ".join(words))
+        labels.append(int(sum(picks) > 2))  # 1 (negative) needs three negative words of four: imbalanced
+    return texts, torch.tensor(labels)
+
+
+def tiny_reviews(data_dir=None):
+    """A workload.dataset of made-up reviews, tokenized by MiniLM's tokenizer at 16 tokens."""
+    from experiments.text import preprocessing, tokenize
+
+    splits = []
+    for n, seed in ((320, 0), (80, 1)):
+        texts, labels = review_texts(n, seed)
+        splits.append((tokenize(texts, 16), labels))
+    return splits[0], splits[1], preprocessing(16)

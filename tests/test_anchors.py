@@ -71,3 +71,18 @@ def test_the_deep_compression_anchor_needs_both_pruning_options_and_leaves_the_l
     assert anchor["pruning.unstructured_sparsity"] == 0.92 and anchor["pruning.gradual"] is True
     assert anchor["distillation.epochs"] == 4 and anchor["distillation.lr"] == 0.03
     assert "distillation.alpha" not in anchor and "distillation.temperature" not in anchor
+
+
+def test_the_text_experiment_starts_from_each_technique_and_a_half_depth_student():
+    from search.config import load_config
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / "experiments" / "rt_minilm.yaml")
+    from strategies.registry import build_strategies
+
+    anchors = anchor_params(build_strategies(config.search_space))
+    assert list(anchors) == ["int8", "4-bit", "heads-ffn-50", "student-half-depth"]
+    student = anchors["student-half-depth"]
+    assert student["pruning.layer_ratio"] == 0.5 and student["distillation.epochs"] == 1
+    assert student["pruning.head_ratio"] == 0.0 and student["quantization.weight_bits"] == 32
+    assert "distillation.lr" not in student  # the sampler's

@@ -100,3 +100,26 @@ def test_identity_ignores_trial_budget_only():
 def test_a_training_device_that_is_not_there_is_refused_before_any_work(device, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "experiments" / "smoke.yaml", [f"search.device={device}"])
+
+
+def test_the_workload_s_task_metric_is_the_searched_objective_and_the_accuracy_limit_s_target():
+    raw = smoke_raw()
+    raw["search"].pop("objectives", None)
+    raw["workload"]["metric"] = "macro_f1"
+    raw["constraints"] = {"max_accuracy_drop": 0.01, "max_size_bytes": 5000}
+    config = parse_config(raw)
+    assert config.metric == "macro_f1"
+    assert config.search.objectives == ("macro_f1", "size_bytes", "latency_ms")
+    assert config.limits() == {"macro_f1_drop": 0.01, "size_bytes": 5000.0}
+    assert parse_config(smoke_raw()).limits().keys() <= {"accuracy_drop", "size_bytes", "latency_ms"}
+    raw["workload"]["metric"] = "bleu"
+    with pytest.raises(
+        ConfigError, match=r"workload.metric must be one of \['accuracy', 'embedding_fidelity', 'macro_f1'\]"
+    ):
+        parse_config(raw)
+    raw["workload"]["metric"] = "macro_f1"
+    raw["search"]["objectives"] = ["accuracy", "size_bytes"]
+    with pytest.raises(
+        ConfigError, match="search.objectives names the task metric 'accuracy', but workload.metric is 'macro_f1'"
+    ):
+        parse_config(raw)

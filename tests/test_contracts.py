@@ -124,17 +124,20 @@ def deployed(tmp_path_factory):
     return materialize(model, out, runtime="onnxruntime", threads=1, example_inputs=torch.zeros(1, 1, 28, 28))
 
 
-def _eval_context(n=20):
+def _eval_context(n=20, reference=None):
     x = torch.randn(n, 1, 28, 28)
-    return EvalContext(x, torch.arange(n) % 10, x[:1], LatencySettings(warmup=1, repeats=3))
+    val_reference = None if reference is None else reference(x)  # the baseline's outputs, for fidelity
+    return EvalContext(
+        x, torch.arange(n) % 10, x[:1], LatencySettings(warmup=1, repeats=3), val_reference=val_reference
+    )
 
 
 @pytest.mark.parametrize("cls", list(OBJECTIVES.values()), ids=lambda c: c.name)
 def test_an_objective_measures_a_finite_number_of_a_real_model(cls, deployed):
     assert cls.direction in ("maximize", "minimize") and cls.unit and cls.reference > 0
-    value = cls().evaluate(deployed, _eval_context())
+    value = cls().evaluate(deployed, _eval_context(reference=deployed.predict))
     assert isinstance(value, float) and value == value and abs(value) != float("inf")
-    metrics = cls().measure(deployed, _eval_context())
+    metrics = cls().measure(deployed, _eval_context(reference=deployed.predict))
     assert cls.name in metrics
     baseline = dict(metrics)
     assert cls().relative(metrics, baseline) in (0.0, 1.0)  # the baseline itself: no change

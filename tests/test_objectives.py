@@ -10,8 +10,9 @@ from objectives.accuracy import Accuracy, top1_accuracy
 from objectives.base import EvalContext, LatencySettings, ObjectiveError
 from objectives.complexity import count_macs, count_params
 from objectives.latency import LatencyMs, time_interleaved
-from objectives.registry import OBJECTIVES, get_objective
+from objectives.registry import OBJECTIVES, get_objective, task_metrics
 from objectives.size import SizeBytes
+from objectives.task import EmbeddingFidelity, MacroF1
 from tests.helpers import MODELS
 
 
@@ -46,6 +47,48 @@ def test_accuracy_is_the_exact_fraction_correct(tmp_path):
     assert top1_accuracy(perfect, ctx.val_x, ctx.val_y, batch_size=3) == 1.0  # ...across batch edges
     off_by_one = lambda x: torch.nn.functional.one_hot((x[:, 0, 0, 0].long() + 1) % 10, 10).float()  # noqa: E731
     assert top1_accuracy(off_by_one, ctx.val_x, ctx.val_y, batch_size=4) == 0.0
+
+
+def one_hot(classes, n=3):
+    return torch.nn.functional.one_hot(torch.tensor(classes), n).float()
+
+
+def test_macro_f1_is_the_mean_of_each_class_f1_on_a_hand_made_example():
+    """Labels 0 0 0 0 1 1 2 2, predictions 0 0 0 1 1 2 2 2. Class 0: tp 3, fp 0, fn 1 → 6/7;
+    class 1: tp 1, fp 1, fn 1 → 1/2; class 2: tp 2, fp 1, fn 0 → 4/5."""
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    outputs = one_hot([0, 0, 0, 1, 1, 2, 2, 2])
+    assert MacroF1().score(outputs, y, None) == pytest.approx((6 / 7 + 1 / 2 + 4 / 5) / 3)
+    assert Accuracy().score(outputs, y, None) == pytest.approx(6 / 8)
+    # Imbalance: predicting the majority class everywhere is 80 % accurate but F1 (1.6/1.8 + 0) / 2.
+    y = torch.tensor([0, 0, 0, 0, 1])
+    assert Accuracy().score(one_hot([0] * 5), y, None) == pytest.approx(0.8)
+    assert MacroF1().score(one_hot([0] * 5), y, None) == pytest.approx((8 / 9) / 2)
+    # A class only predicted, never labelled, counts with F1 0 (as scikit-learn's macro average).
+    assert MacroF1().score(one_hot([0, 2]), torch.tensor([0, 0]), None) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_embedding_fidelity_is_the_mean_cosine_to_the_baseline_embeddings(tmp_path):
+    reference = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    # the same directions at other lengths: cosine 1; orthogonal: 0; opposite: -1
+    assert EmbeddingFidelity().score(reference * 5, None, reference) == pytest.approx(1.0)
+    rotated = torch.tensor([[0.0, 1.0], [0.0, 2.0], [-3.0, -4.0]])
+    assert EmbeddingFidelity().score(rotated, None, reference) == pytest.approx((0 + 1 - 1) / 3)
+    ctx = eval_context(3)
+    ctx.val_reference = reference
+    got = EmbeddingFidelity().evaluate(candidate(tmp_path, predict=lambda x: reference[: len(x)] * 2), ctx)
+    assert got == pytest.approx(1.0)
+    with pytest.raises(ObjectiveError, match="differ"):
+        EmbeddingFidelity().score(reference[:, :1], None, reference)
+    ctx.val_reference = None
+    with pytest.raises(ObjectiveError, match="baseline's outputs"):
+        EmbeddingFidelity().evaluate(candidate(tmp_path, predict=lambda x: reference[: len(x)]), ctx)
+
+
+def test_a_task_metric_s_limit_is_its_drop_in_points():
+    metrics, baseline = {"macro_f1": 0.70}, {"macro_f1": 0.75}
+    assert MacroF1.limit() == "macro_f1_drop" and Accuracy.limit() == "accuracy_drop"
+    assert MacroF1().derived(metrics, baseline) == {"macro_f1_drop": pytest.approx(0.05)}
 
 
 def test_non_finite_logits_are_an_objective_error(tmp_path):
@@ -88,10 +131,12 @@ def test_counts_are_exact_on_known_models():
 
 
 def test_registry_lists_valid_names():
-    assert set(OBJECTIVES) == {"accuracy", "size_bytes", "latency_ms"}
+    assert set(OBJECTIVES) == {"accuracy", "macro_f1", "embedding_fidelity", "size_bytes", "latency_ms"}
+    assert task_metrics() == ["accuracy", "embedding_fidelity", "macro_f1"]
     for cls in OBJECTIVES.values():
         assert cls.direction in ("maximize", "minimize") and cls.unit
-    with pytest.raises(ValueError, match=r"valid names are \['accuracy', 'latency_ms', 'size_bytes'\]"):
+    valid = r"\['accuracy', 'embedding_fidelity', 'latency_ms', 'macro_f1', 'size_bytes'\]"
+    with pytest.raises(ValueError, match=f"valid names are {valid}"):
         get_objective("flops")
 
 

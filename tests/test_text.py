@@ -31,8 +31,9 @@ def test_snippets_drop_plots_and_duplicates_and_refuse_a_malformed_file(tmp_path
 
 
 def test_the_installed_snippets_split_and_tokenize():
-    (train_x, train_y), (test_x, test_y) = load_rotten_tomatoes()
+    (train_x, train_y), (test_x, test_y), preprocessing = load_rotten_tomatoes()
     assert len(train_y) + len(test_y) == len(read_snippets()) > 12_000
+    assert preprocessing["max_length"] == SEQUENCE_LENGTH and preprocessing["tokenizer"].endswith("tokenizer.json")
     assert len(test_y) == int(0.2 * (len(train_y) + len(test_y)))
     assert train_x["input_ids"].shape == (len(train_y), SEQUENCE_LENGTH)
     assert 0.5 < float(train_y.float().mean()) < 0.65  # about 58 % fresh

@@ -1,0 +1,121 @@
+"""A text search end to end, on a tiny randomly initialised BERT-style model and made-up reviews:
+named inputs through the trials, the task metric under its own name, and a package that a
+plain ONNX Runtime session runs, fed by the tokenizer it ships."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+
+from objectives.task import MacroF1
+from search.cli import main
+from tests.helpers import review_texts
+
+CONFIG = {
+    "name": "text-smoke",
+    "workload": {
+        "model": "tests.helpers:tiny_bert",
+        "dataset": "tests.helpers:tiny_reviews",
+        "metric": "macro_f1",
+        "val_size": 80,
+        "training": {"epochs": 3, "lr": 2.0e-3, "batch_size": 16, "optimizer": "adamw", "weight_decay": 0.01},
+    },
+    "search_space": {
+        "pruning.head_ratio": [0.0, 0.5],
+        "pruning.ffn_ratio": [0.0, 0.5],
+        "quantization.weight_bits": [8, 32],
+        "quantization.activation_bits": [8, 32],
+        "distillation.epochs": [0, 1],
+        "distillation.optimizer": "adamw",
+        "distillation.lr": [1.0e-4, 1.0e-3],
+        "distillation.alpha": 0.5,
+        "distillation.temperature": 2.0,
+    },
+    "search": {"n_trials": 4, "finetune_size": 120, "calibration_size": 32, "batch_size": 16},
+    "latency": {"batch_sizes": [1], "sequence_length": 16, "warmup": 1, "repeats": 3, "final_repeats": 3},
+}
+
+
+def write_config(tmp_path, **changes):
+    config = json.loads(json.dumps(CONFIG))
+    for section, values in changes.items():
+        config[section].update(values)
+    path = tmp_path / "text.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_text_search_scores_its_metric_and_exports_a_package_that_runs_from_the_tokenizer(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+    from tokenizers import Tokenizer
+
+    from search.tracking import PARENT_TAG, sqlite_uri
+
+    run_dir = tmp_path / "run"
+    assert main(["run", write_config(tmp_path), "--run-dir", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "val macro_f1" in printed and "test macro_f1" in printed
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metric"] == "macro_f1" and summary["pareto"]
+
+    client = MlflowClient(sqlite_uri(run_dir))
+    runs = client.search_runs([client.get_experiment_by_name("text-smoke").experiment_id])
+    children = [r for r in runs if PARENT_TAG in r.data.tags and r.data.tags.get("state") == "COMPLETE"]
+    assert children
+    for child in children:  # the metric is logged under its own name, and its drop beside it
+        assert {"macro_f1", "macro_f1_drop", "size_bytes", "latency_ms"} <= set(child.data.metrics)
+        assert "accuracy" not in child.data.metrics
+
+    row = summary["pareto"][0]
+    out = tmp_path / "package"
+    assert main(["export", "--run-dir", str(run_dir), "--trial", str(row["trial"]), "--out", str(out)]) == 0
+    spec = json.loads((out / "model.json").read_text())
+    prep = spec["preprocessing"]
+    assert spec["metric"] == "macro_f1" and prep["tokenizer"] == "tokenizer.json" and prep["max_length"] == 16
+
+    # A deployment with nothing but the package: its tokenizer, its ONNX file, a bare session.
+    tokenizer = Tokenizer.from_file(str(out / prep["tokenizer"]))
+    tokenizer.enable_truncation(prep["max_length"])
+    tokenizer.enable_padding(length=prep["max_length"])
+    texts, labels = review_texts(80, seed=1)  # the test split of tests.helpers:tiny_reviews
+    encodings = tokenizer.encode_batch(texts)
+    feed = {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+    }
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sorted(i.name for i in session.get_inputs()) == sorted(prep["inputs"])
+    logits = torch.from_numpy(session.run(None, feed)[0])
+    assert MacroF1().score(logits, labels, None) == pytest.approx(row["test_macro_f1"], abs=1e-12)
+
+
+def test_an_embedder_is_scored_by_its_fidelity_to_the_pretrained_embeddings(tmp_path, capsys):
+    space = {k: v for k, v in CONFIG["search_space"].items() if not k.startswith("distillation.")}
+    space["distillation.epochs"] = [0, 1]
+    space["distillation.lr"] = [1.0e-4, 1.0e-3]
+    config = write_config(
+        tmp_path,
+        workload={
+            "model": "tests.helpers:tiny_bert_embedder",
+            "metric": "embedding_fidelity",
+            "training": {"epochs": 0},
+        },
+    )
+    raw = yaml.safe_load(open(config))
+    raw["search_space"] = space
+    open(config, "w").write(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    assert main(["run", config, "--run-dir", str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["baseline"]["embedding_fidelity"] == pytest.approx(1.0, abs=1e-5)  # ONNX Runtime vs PyTorch
+    assert summary["baseline"]["baseline_test_embedding_fidelity"] == pytest.approx(1.0, abs=1e-5)
+    for row in summary["pareto"]:
+        assert 0.0 < row["test_embedding_fidelity"] <= 1.0 + 1e-9
+    # a classifier's training cannot make an embedder: refused before any work
+    bad = write_config(tmp_path, workload={"model": "tests.helpers:tiny_bert_embedder", "metric": "embedding_fidelity"})
+    assert main(["run", bad, "--run-dir", str(tmp_path / "bad")]) == 2
+    assert "set workload.training.epochs to 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
