@@ -77,8 +77,31 @@ def export_trial(run_dir: Path, trial_number: int, out: Path) -> Path:
         "finished": finished_is_better(finalist, config.metric),
         "config": config.identity(),
     }
+    if (out / ONNX_NAME).exists():
+        describe_onnx(out / ONNX_NAME, spec)
+        spec["onnx_bytes"] = (out / ONNX_NAME).stat().st_size  # what shipping the ONNX file alone costs
     (out / SPEC_NAME).write_text(json.dumps(spec, indent=2, sort_keys=True))
     return out
+
+
+def describe_onnx(path: Path, spec: dict[str, Any]) -> None:
+    """Write what the model is into the ONNX file's own metadata_props: the study and trial, its
+    parameters, its task metric, latency and packed size (``autocompress.*`` keys)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    metrics = spec["metrics"]
+    props = {
+        "study": spec["study"],
+        "trial": spec["trial"],
+        "params": json.dumps(spec["params"], sort_keys=True),
+        "metric": spec["metric"],
+        **{key: metrics[key] for key in (spec["metric"], "latency_ms", "speedup", "size_bytes") if key in metrics},
+        **{f"test_{spec['metric']}": v for k, v in spec["finalist"].items() if k == f"test_{spec['metric']}"},
+    }
+    kept = {p.key: p.value for p in model.metadata_props if not p.key.startswith("autocompress.")}
+    onnx.helper.set_model_props(model, {**kept, **{f"autocompress.{k}": str(v) for k, v in props.items()}})
+    onnx.save(model, str(path))
 
 
 def _finalist_figures(run_dir: Path, trial_number: int) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from search import rundir, signals, storage
 from search.anchors import enqueue_anchors
 from search.config import Config, ConfigError, default_objectives
 from search.samplers import make_sampler
-from search.tracking import Tracker
+from search.tracking import Tracker, flatten
 from search.workload import Split, Workload, build_workload
 from strategies.artifact import size_breakdown
 from strategies.base import Context, Strategy
@@ -272,7 +272,11 @@ def _parent_run(p: Prepared, tracker: Tracker) -> str:
     p.study.set_user_attr("mlflow_parent_run_id", parent_run_id)
     tracker.log(
         parent_run_id,
-        params={"config": p.config.to_dict(), "workload.fingerprint": p.workload.fingerprint},
+        params={
+            "config": p.config.to_dict(),
+            **flatten(p.config.to_dict(), "config"),
+            "workload.fingerprint": p.workload.fingerprint,
+        },
         metrics={f"baseline_{k}": v for k, v in p.baseline.items()},
         tags={"study_name": p.config.name, "role": "study"},
     )

@@ -23,6 +23,17 @@ def params_of(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if "." in k}
 
 
+def run_name(number: int, params: Mapping[str, Any], off: Mapping[str, Any]) -> str:
+    """A trial's MLflow run name: its number and each technique setting it turned on (the
+    parameters that differ from their "off" value), e.g. ``trial-7 head_ratio=0.38 weight_bits=8``."""
+
+    def short(value: Any) -> str:
+        return f"{value:.2g}" if isinstance(value, float) else str(value)
+
+    on = [f"{key.split('.', 1)[1]}={short(v)}" for key, v in params.items() if key in off and v != off[key]]
+    return " ".join([f"trial-{number}", *on])
+
+
 def numbers_of(attrs: Mapping[str, Any]) -> dict[str, float]:
     """The numeric entries (not booleans) of an attribute dict: the measured figures."""
     return {k: v for k, v in attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

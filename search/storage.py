@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
@@ -204,7 +205,12 @@ def open_study(
                 f"no study named {config.name!r} in its storage; start it with autocompress run first"
             ) from None
     directions = [get_objective(name).direction for name in config.search.objectives]
-    return optuna.create_study(storage=storage, study_name=config.name, directions=directions, load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=config.name, directions=directions, load_if_exists=True)
+    if study.metric_names is None:  # optuna-dashboard labels the objectives and the front's axes by these
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(config.search.objectives))
+    return study
 
 
 def check_study_config(study: optuna.Study, config: Config) -> None:

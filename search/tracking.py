@@ -35,6 +35,18 @@ def _param_value(value: Any) -> str:
     return text[:MAX_PARAM_CHARS]
 
 
+def flatten(mapping: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Nested config sections as one parameter per key (``config.search.n_trials``), so the
+    MLflow UI can compare and filter runs by any of them."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}.{key}"))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
+
+
 class Tracker:
     """A study's MLflow experiment. Creating it creates the store once, up front."""
 
@@ -68,6 +80,9 @@ class Tracker:
     def start_child(self, parent_id: str, name: str, tags: Mapping[str, Any] = ()) -> str:
         tags = {PARENT_TAG: parent_id, **{k: str(v) for k, v in dict(tags).items()}}
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def rename(self, run_id: str, name: str) -> None:
+        self.client.update_run(run_id, name=name)
 
     def log(
         self,

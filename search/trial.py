@@ -19,8 +19,10 @@ import torch
 
 from objectives.base import ObjectiveError
 from search import signals
+from search.anchors import off_params
 from search.early_stop import StoppedEarly, early_stop_check
 from search.prepare import Prepared, batched, deploy, measure
+from search.records import run_name
 from search.rundir import trial_dir
 from strategies import pipeline
 from strategies.base import CompressionError, StrategyConfig
@@ -90,6 +92,7 @@ def _evaluate(p: Prepared, trial: optuna.Trial, run_id: str) -> dict[str, float]
     """Build, deploy, check and measure the trial's candidate: its metrics."""
     configs = pipeline.suggest(p.strategies, trial)
     p.tracker.log(run_id, params=trial.params)
+    p.tracker.rename(run_id, run_name(trial.number, trial.params, off_params(p.strategies)))
     with signals.time_limit(p.config.search.trial_timeout):
         model, deployable = _build(p, trial, configs, run_id)
         disagreement = runtime_disagreement(p, model, deployable)

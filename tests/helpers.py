@@ -18,9 +18,9 @@ from tests.conftest import ROOT
 SMOKE = str(ROOT / "experiments" / "smoke.yaml")
 
 
-def load_study(run_dir):
+def load_study(run_dir, name="smoke"):
     storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
-    return optuna.load_study(study_name="smoke", storage=storage)
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def finished(run_dir):

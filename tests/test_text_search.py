@@ -12,6 +12,7 @@ import yaml
 
 from objectives.task import MacroF1
 from search.cli import main
+from search.package import load_package
 from tests.helpers import review_texts
 
 CONFIG = {
@@ -68,6 +69,16 @@ def test_a_text_search_scores_its_metric_and_exports_a_package_that_runs_from_th
     for child in children:  # the metric is logged under its own name, and its drop beside it
         assert {"macro_f1", "macro_f1_drop", "size_bytes", "latency_ms"} <= set(child.data.metrics)
         assert "accuracy" not in child.data.metrics
+    # runs are named by what they turned on; the parent's config is one parameter per key too
+    names = {int(r.data.tags["optuna.trial"]): r.info.run_name for r in runs if PARENT_TAG in r.data.tags}
+    assert names[0] == "trial-0 weight_bits=8 activation_bits=8"  # the int8 anchor: nothing else on
+    parent = next(r for r in runs if PARENT_TAG not in r.data.tags)
+    assert parent.data.params["config.workload.metric"] == "macro_f1"
+    assert parent.data.params["config.search.n_trials"] == "4"
+    # the study storage names its objectives, as optuna-dashboard shows them
+    from tests.helpers import load_study
+
+    assert load_study(run_dir, "text-smoke").metric_names == ["macro_f1", "size_bytes", "latency_ms"]
 
     row = summary["pareto"][0]
     out = tmp_path / "package"
@@ -75,6 +86,14 @@ def test_a_text_search_scores_its_metric_and_exports_a_package_that_runs_from_th
     spec = json.loads((out / "model.json").read_text())
     prep = spec["preprocessing"]
     assert spec["metric"] == "macro_f1" and prep["tokenizer"] == "tokenizer.json" and prep["max_length"] == 16
+    assert spec["onnx_bytes"] == (out / "model.onnx").stat().st_size
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert props["autocompress.trial"] == str(row["trial"]) and props["autocompress.metric"] == "macro_f1"
+    assert float(props["autocompress.size_bytes"]) == (out / "weights.acw").stat().st_size
+    assert float(props["autocompress.test_macro_f1"]) == row["test_macro_f1"]
+    assert json.loads(props["autocompress.params"]) == spec["params"]
 
     # A deployment with nothing but the package: its tokenizer, its ONNX file, a bare session.
     tokenizer = Tokenizer.from_file(str(out / prep["tokenizer"]))
@@ -90,6 +109,10 @@ def test_a_text_search_scores_its_metric_and_exports_a_package_that_runs_from_th
     assert sorted(i.name for i in session.get_inputs()) == sorted(prep["inputs"])
     logits = torch.from_numpy(session.run(None, feed)[0])
     assert MacroF1().score(logits, labels, None) == pytest.approx(row["test_macro_f1"], abs=1e-12)
+    # and the packed weights rebuild the PyTorch model, which takes the same named inputs
+    with torch.no_grad():
+        rebuilt = load_package(out)({name: torch.from_numpy(array) for name, array in feed.items()})
+    assert (rebuilt.argmax(1) == logits.argmax(1)).float().mean() >= 0.99
 
 
 def test_an_embedder_is_scored_by_its_fidelity_to_the_pretrained_embeddings(tmp_path, capsys):
