@@ -97,16 +97,28 @@ def write_plot(
     return _save(fig, path, 110)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = metric_columns()) -> str:
-    """A plain text table: trial, its parameters, then the measured figures."""
+def format_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = metric_columns(), width: int = 120) -> str:
+    """A plain text table: trial, its parameters, then the measured figures. Wider than `width`
+    characters, it is cut into blocks of whole columns that fit, each led by the trial number
+    (the CSV holds every column in one table)."""
     params = param_columns(rows)
     shown = [m for m in metrics if any(m in r for r in rows)]
     headers = ["trial", *[p.split(".", 1)[1] for p in params], *[header(m) for m in shown]]
     keys = ["trial", *params, *shown]
     body = [[fmt(k, row.get(k)) for k in keys] for row in rows]
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=False))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=False)) for line in body]
+    blocks, block = [], [0]
+    for i in range(1, len(keys)):
+        if sum(widths[j] + 2 for j in block) + widths[i] > width and len(block) > 1:
+            blocks.append(block)
+            block = [0]
+        block.append(i)
+    blocks.append(block)
+    lines = []
+    for block in blocks:
+        lines += [""] if lines else []
+        lines.append("  ".join(headers[i].rjust(widths[i]) for i in block))
+        lines += ["  ".join(line[i].rjust(widths[i]) for i in block) for line in body]
     return "\n".join(lines)
 
 

@@ -285,3 +285,20 @@ def test_the_efficiency_replay_reproduces_the_readme_figures():
     for (reference, sampler), medians in README_MEDIANS.items():
         figures = results["references"][reference]["samplers"][sampler]
         assert {n: round(figures[n]["hv_ratio_median"], 6) for n in medians} == medians
+
+
+def test_a_wide_table_is_cut_into_blocks_that_fit_the_terminal():
+    from search.report import final_columns, format_table
+
+    params = {f"pruning.option_{i}": 0.5 for i in range(8)}
+    figures = {"val_accuracy": 0.9, "test_accuracy": 0.89, "size_bytes": 2048.0, "compression_ratio": 4.0}
+    latency = {f"final_{k}{b}": 1.5 for b in ("", "_b32", "_b64") for k in ("latency_ms", "speedup")}
+    rows = [{"trial": n, **params, **figures, **latency} for n in (3, 11)]
+    text = format_table(rows, final_columns("accuracy", rows), width=120)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 120
+    headings = [line for line in lines if line.lstrip().startswith("trial")]
+    assert len(headings) >= 2  # it did not fit in one block, and every block names its trials
+    for name in ("option_7", "val_acc", "speedup_b32", "latency_b64"):
+        assert sum(name in h.split() for h in headings) == 1  # each column once, whole
+    assert format_table(rows[:1], ("val_accuracy",), width=1000).count("trial") == 1
