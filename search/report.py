@@ -58,42 +58,55 @@ def _pyplot() -> Any:
     return plt
 
 
+FOCUS_BELOW = 0.05  # the plots' vertical axis reaches this far below the baseline's task metric
+
+
 def write_plot(
     rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], path: Path, m: str = "accuracy"
 ) -> Path:
+    """Size and latency against the task metric, on log axes. Trials more than FOCUS_BELOW
+    below the baseline are drawn at the lower edge (as ▼), so one degenerate trial cannot
+    squash the band where the real choices lie."""
     plt = _pyplot()
+    from matplotlib import ticker
+
     done = [r for r in rows if r["state"] == "COMPLETE"]
-    front = [r for r in done if r["pareto"]]
+    floor = baseline[m] - FOCUS_BELOW
+    clip = any(r[m] < floor for r in done)
+    groups = (
+        ("trials", [r for r in done if r.get("feasible", True)], {"s": 18, "c": "0.6"}),
+        (
+            "outside the constraints",
+            [r for r in done if not r.get("feasible", True)],
+            {"s": 18, "facecolors": "none", "edgecolors": "0.6"},
+        ),
+        ("Pareto-optimal", [r for r in done if r["pareto"]], {"s": 36, "c": "tab:red"}),
+    )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "size_bytes", "artifact size (kB)"), (axes[1], "latency_ms", "latency (ms)")):
+    for ax, key, label in (
+        (axes[0], "size_bytes", "artifact size (kB, log)"),
+        (axes[1], "latency_ms", "latency (ms, log)"),
+    ):
         scale = 1 / 1024 if key == "size_bytes" else 1.0
-
-        def xs(group, key=key, scale=scale):
-            return [r[key] * scale for r in group if key in r]
-
-        def ys(group, key=key):
-            return [r[m] for r in group if key in r]
-
-        feasible = [r for r in done if r.get("feasible", True)]
-        infeasible = [r for r in done if not r.get("feasible", True)]
-        ax.scatter(xs(feasible), ys(feasible), s=18, c="0.6", label="trials")
-        if infeasible:
-            ax.scatter(
-                xs(infeasible),
-                ys(infeasible),
-                s=18,
-                facecolors="none",
-                edgecolors="0.6",
-                label="outside the constraints",
-            )
-        ax.scatter(xs(front), ys(front), s=36, c="tab:red", label="Pareto-optimal")
+        for name, group, style in groups:
+            for below in (False, True):
+                points = [r for r in group if key in r and (r[m] < floor) == below]
+                if points:
+                    ys = [floor if below else r[m] for r in points]
+                    tag = f"{name}, below {floor:.3f}" if below else name
+                    ax.scatter([r[key] * scale for r in points], ys, marker="v" if below else "o", label=tag, **style)
         if key in baseline:
             ax.scatter([baseline[key] * scale], [baseline[m]], marker="*", s=160, c="k", label="baseline")
+        if clip:
+            ax.set_ylim(bottom=floor - 0.1 * FOCUS_BELOW)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))  # 1, 2, 5, 10, 20, 50, ...
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel(label)
         ax.set_ylabel(f"val {m}")
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right")
+    axes[0].legend(loc="best", fontsize="small")
     return _save(fig, path, 110)
 
 

@@ -302,3 +302,22 @@ def test_a_wide_table_is_cut_into_blocks_that_fit_the_terminal():
     for name in ("option_7", "val_acc", "speedup_b32", "latency_b64"):
         assert sum(name in h.split() for h in headings) == 1  # each column once, whole
     assert format_table(rows[:1], ("val_accuracy",), width=1000).count("trial") == 1
+
+
+def test_the_plots_keep_a_degenerate_trial_at_the_edge_instead_of_stretching_the_axis(tmp_path, monkeypatch):
+    import search.report as report
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path, dpi: figures.append(fig) or path)
+    baseline = {"accuracy": 0.91, "size_bytes": 400_000.0, "latency_ms": 1.0}
+    rows = [
+        {"trial": 0, "state": "COMPLETE", "pareto": True, "accuracy": 0.905, "size_bytes": 20_000.0, "latency_ms": 0.5},
+        {"trial": 1, "state": "COMPLETE", "pareto": True, "accuracy": 0.19, "size_bytes": 2_000.0, "latency_ms": 0.2},
+    ]
+    report.write_plot(rows, baseline, tmp_path / "p.png")
+    for ax in figures[0].axes:
+        bottom, top = ax.get_ylim()
+        assert 0.85 < bottom < 0.86 and top < 0.95  # the 0.19 trial does not stretch the axis...
+        edge = [c for c in ax.collections if c.get_label().startswith("Pareto-optimal, below")]
+        assert edge and edge[0].get_offsets()[0][1] == pytest.approx(0.86)  # ...it sits at the edge
+        assert ax.get_xscale() == "log" and ("kB" in ax.get_xlabel() or "ms" in ax.get_xlabel())
