@@ -19,6 +19,15 @@ FILES = {
     "test_y": "t10k-labels-idx1-ubyte",
 }
 MEAN, STD = 0.2860, 0.3530
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+# How a deployment turns a 28x28 uint8 image into the model's input, as `load_fashion_mnist` does.
+PREPROCESSING = {
+    "input": "float32 (N, 1, 28, 28) from uint8 pixels: (pixel / 255 - mean) / std",
+    "scale": 1 / 255,
+    "mean": MEAN,
+    "std": STD,
+    "class_names": list(CLASS_NAMES),
+}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -67,8 +76,8 @@ def fashion_mnist_files(data_dir: str | Path | None = None) -> dict[str, Path]:
     return found  # type: ignore[return-value]
 
 
-def load_fashion_mnist(data_dir: str | Path | None = None) -> tuple[Split, Split]:
-    """(train, test): x float32 (N, 1, 28, 28) normalised, y int64."""
+def load_fashion_mnist(data_dir: str | Path | None = None) -> tuple[Split, Split, dict]:
+    """(train, test, preprocessing): x float32 (N, 1, 28, 28) normalised, y int64."""
     files = fashion_mnist_files(data_dir)
 
     def images(path: Path) -> torch.Tensor:
@@ -83,4 +92,4 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> tuple[Split, Split
     for name, split in (("train", train), ("test", test)):
         if len(split.x) != len(split.y):
             raise ValueError(f"Fashion-MNIST {name} images and labels differ in count")
-    return train, test
+    return train, test, PREPROCESSING

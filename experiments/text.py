@@ -90,6 +90,7 @@ def preprocessing(length: int = SEQUENCE_LENGTH) -> dict:
         "padding": "max_length",
         "truncation": True,
         "inputs": ["input_ids", "attention_mask"],
+        "class_names": sorted(LABELS, key=LABELS.get),
     }
 
 

@@ -26,7 +26,7 @@ def test_loss_is_finite_at_any_temperature_and_reduces_to_its_parts():
 
 def real_task(n=1500):
     """A fixed random subset of `n` Fashion-MNIST training images (x and y)."""
-    train, _ = load_fashion_mnist()
+    train = load_fashion_mnist()[0]
     idx = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(0))[:n]
     return train.x[idx], train.y[idx]
 

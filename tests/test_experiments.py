@@ -39,7 +39,8 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
 
 @needs_fashion_mnist
 def test_fashion_mnist_loads_and_splits_deterministically():
-    train, test = load_fashion_mnist()
+    train, test, preprocessing = load_fashion_mnist()
+    assert preprocessing["mean"] == 0.2860 and len(preprocessing["class_names"]) == 10
     assert train.x.shape == (60000, 1, 28, 28) and train.x.dtype == torch.float32
     assert test.y.shape == (10000,) and test.y.dtype == torch.int64 and set(test.y.tolist()) == set(range(10))
     assert abs(float(train.x.mean())) < 0.01  # normalised

@@ -82,6 +82,27 @@ def test_smoke_search_logs_every_trial_and_resumes(tmp_path, capsys):
                 assert (runtime(val_x) - model(val_x)).abs().max() <= 1e-4
     assert main(["export", "--run-dir", str(run_dir), "--trial", "99", "--out", str(tmp_path / "x")]) == 2
 
+    # a bare ONNX Runtime session, fed raw test pixels prepared only as the package says,
+    # scores the trial's own test accuracy
+    import json
+
+    from experiments.data import fashion_mnist_files, read_idx
+    from search.workload import Split, subset
+
+    files = fashion_mnist_files()
+    raw = Split(
+        torch.from_numpy(read_idx(files["test_x"]).copy()), torch.from_numpy(read_idx(files["test_y"]).astype("int64"))
+    )
+    raw = subset(raw, 500, seed=0)  # the smoke config's test_subset, split_seed 0
+    for p in pareto:
+        out = tmp_path / f"package-{p.data.tags['optuna.trial']}"
+        prep = json.loads((out / "model.json").read_text())["preprocessing"]
+        assert len(prep["class_names"]) == 10
+        pixels = (raw.x.numpy()[:, None].astype("float32") * prep["scale"] - prep["mean"]) / prep["std"]
+        session = ort_session(out / "model.onnx", threads=1)
+        predicted = session.run(None, {"input": pixels.astype("float32")})[0].argmax(1)
+        assert (predicted == raw.y.numpy()).mean() == pytest.approx(p.data.metrics["test_accuracy"], abs=1e-9)
+
     # each recorded speedup is re-timed from the trial's exported ONNX file alone
     from search.verify import verify_speedups
 
