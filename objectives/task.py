@@ -55,6 +55,16 @@ class TaskMetric(Objective):
     def evaluate(self, candidate: Candidate, context: EvalContext) -> float:
         return self.on(candidate.predict, context.val_x, context.val_y, context.val_reference, context.eval_batch_size)
 
+    def trivial(self, outputs: torch.Tensor, y: torch.Tensor, reference: torch.Tensor | None = None) -> float:
+        """The figure of a model that ignores its input, shaped like `outputs` (the baseline's):
+        the majority class for logits, the mean embedding for embeddings."""
+        if self.outputs == "embeddings":
+            constant = outputs.mean(0, keepdim=True).expand_as(outputs)
+        else:
+            majority = torch.full_like(y, int(torch.bincount(y).argmax()))
+            constant = torch.nn.functional.one_hot(majority, outputs.shape[1]).float()
+        return float(self.score(constant, y, reference))
+
     def relative(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> float:
         """The drop: a difference, since the figure is already a fraction."""
         return baseline[self.name] - metrics[self.name]

@@ -43,6 +43,7 @@ class SearchResult:
     rule: str = ""
     closest: list[dict[str, Any]] = field(default_factory=list)  # set when nothing is feasible
     registered_model: str | None = None  # "name/version" in the MLflow Model Registry
+    alternatives: dict[str, dict[str, Any]] = field(default_factory=dict)  # the smallest, the fastest within 1 pt
 
 
 def _on_split(p: Prepared, predict: Any, split: str) -> float:
@@ -194,6 +195,7 @@ def summarize(p: Prepared) -> SearchResult:
             "pareto": pareto,
             "recommended": recommended,
             "rule": rule,
+            "alternatives": front.alternatives(pareto, p.baseline, p.config.metric),
             "closest": closest,
         },
     )
@@ -205,4 +207,6 @@ def summarize(p: Prepared) -> SearchResult:
     registered = f"{p.config.name}/{version}" if version is not None else None
     if registered:
         p.tracker.set_tag(p.parent_run_id, "registered_model", registered)
-    return SearchResult(p, pareto, rows, table, plot, recommended, rule, closest, registered)
+    result = SearchResult(p, pareto, rows, table, plot, recommended, rule, closest, registered)
+    result.alternatives = front.alternatives(pareto, p.baseline, p.config.metric)
+    return result

@@ -60,6 +60,31 @@ def knee(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], objec
     return rows[int(np.argmin(np.linalg.norm(scaled, axis=1)))]
 
 
+def floor(baseline: Mapping[str, float], metric: str = "accuracy") -> float | None:
+    """The lowest figure a sensible model reaches: halfway from a model that ignores its input
+    (the majority class) to the baseline. Trials below it are shown but never decide the pick."""
+    trivial = baseline.get(f"trivial_{metric}")
+    return None if trivial is None else (trivial + baseline[metric]) / 2
+
+
+def sensible(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], metric: str = "accuracy") -> list:
+    low = floor(baseline, metric)
+    return [r for r in rows if low is None or r[metric] >= low]
+
+
+def alternatives(
+    front: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], metric: str = "accuracy", within: float = 0.01
+) -> dict[str, Mapping[str, Any]]:
+    """What users most often want besides the pick: the smallest and the fastest Pareto model
+    within `within` (1 point) of the baseline on validation."""
+    near = [r for r in front if baseline[metric] - r[metric] <= within + 1e-12]
+    found = {}
+    for label, key in (("smallest", "size_bytes"), ("fastest", "latency_ms")):
+        if near and all(key in r for r in near):
+            found[f"{label} within {100 * within:g} pt"] = min(near, key=lambda r, k=key: (r[k], -r[metric]))
+    return found
+
+
 def recommend(
     front: Sequence[Mapping[str, Any]],
     baseline: Mapping[str, float],
@@ -70,7 +95,7 @@ def recommend(
     """The configuration to ship among the (feasible) Pareto rows, and the rule that chose it.
 
     With an accuracy limit: the smallest model whose validation drop is within it. Without
-    one, or when no model is within it: the knee of the front.
+    one, or when no model is within it: the knee of the sensible front (above `floor`).
     """
     if not front:
         return None, "no Pareto-optimal trial to recommend"
@@ -81,6 +106,8 @@ def recommend(
             return best, (
                 f"the smallest model within the {metric} limit (validation drop <= {100 * max_accuracy_drop:.2f} pt)"
             )
-    return knee(front, baseline, objectives), (
-        "the knee of the front: the point closest to the ideal one, each objective scaled to [0, 1] over the front"
+    candidates = sensible(front, baseline, metric) or list(front)
+    return knee(candidates, baseline, objectives), (
+        "the knee of the front: the point closest to the ideal one, each objective scaled to [0, 1] over the "
+        "front's sensible models"
     )

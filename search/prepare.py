@@ -25,7 +25,7 @@ import torch
 from objectives.base import EvalContext, Objective
 from objectives.complexity import count_macs, count_params
 from objectives.registry import get_objective, objective_of_limit
-from objectives.task import TaskMetric
+from objectives.task import TaskMetric, outputs_of
 from search import rundir, signals, storage
 from search.anchors import enqueue_anchors
 from search.config import Config, ConfigError, default_objectives
@@ -238,6 +238,9 @@ def _measure_baseline(
     Every trial is then timed interleaved with it."""
     deployable = deploy(config, workload, copy.deepcopy(workload.model), rundir.baseline_dir(run_dir))
     baseline = measure(deployable, reported, eval_context, workload.example_inputs)
+    metric, val = task_metric(config), workload.val
+    outputs = outputs_of(metric.name, deployable.predict, val.x)  # a model that ignores its input, for the pick's floor
+    baseline[f"trivial_{metric.name}"] = metric.trivial(outputs, val.y, eval_context.val_reference)
     eval_context.reference_run = deployable.run
     return deployable, baseline
 

@@ -11,6 +11,7 @@ import csv
 import html
 import json
 import tempfile
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -62,7 +63,11 @@ FOCUS_BELOW = 0.05  # the plots' vertical axis reaches this far below the baseli
 
 
 def write_plot(
-    rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, float], path: Path, m: str = "accuracy"
+    rows: Sequence[Mapping[str, Any]],
+    baseline: Mapping[str, float],
+    path: Path,
+    m: str = "accuracy",
+    pick: int | None = None,
 ) -> Path:
     """Size and latency against the task metric, on log axes. Trials more than FOCUS_BELOW
     below the baseline are drawn at the lower edge (as ▼), so one degenerate trial cannot
@@ -97,6 +102,10 @@ def write_plot(
                     ax.scatter([r[key] * scale for r in points], ys, marker="v" if below else "o", label=tag, **style)
         if key in baseline:
             ax.scatter([baseline[key] * scale], [baseline[m]], marker="*", s=160, c="k", label="baseline")
+        for r in (r for r in done if r["trial"] == pick and key in r):
+            ax.scatter(
+                [r[key] * scale], [max(r[m], floor)], s=160, facecolors="none", edgecolors="k", label="recommended"
+            )
         if clip:
             ax.set_ylim(bottom=floor - 0.1 * FOCUS_BELOW)
         ax.set_xscale("log")
@@ -170,12 +179,20 @@ def result_text(config: Any, result: Any) -> str:
         add("no completed trials, so no Pareto front")
     add("")
     if result.recommended is not None:
-        add(f"recommended: trial {result.recommended['trial']}, {result.rule}")
-        add(f"  {_describe(result.recommended, m)}")
-        if finishing := _finishing(result.recommended, m):
-            add(f"  {finishing}")
+        row = result.recommended
+        add(f"recommended: trial {row['trial']}, {result.rule}")
+        add(_indented(_describe(row, m, baseline)))
+        if finishing := _finishing(row, m):
+            add(_indented(finishing))
+        for label, other in result.alternatives.items():
+            if other["trial"] != row["trial"]:
+                add(_indented(f"or, {label}: trial {other['trial']}, {_describe(other, m, baseline)}"))
+        run_dir = result.prepared.run_dir
+        add(
+            _indented(f"get it: autocompress export --run-dir {run_dir} --trial {row['trial']} --out {run_dir}/package")
+        )
         if result.registered_model:
-            add(f"  registered in the MLflow Model Registry as {result.registered_model}")
+            add(f"  or from the MLflow Model Registry: models:/{result.registered_model}")
         add("")
     return "\n".join(lines)
 
@@ -194,20 +211,34 @@ def _finishing(row: Mapping[str, Any], m: str) -> str:
     )
 
 
-def _describe(row: Mapping[str, Any], m: str) -> str:
-    figures = [f"val {m} {row[m]:.4f}"]
+def _describe(row: Mapping[str, Any], m: str, baseline: Mapping[str, float] | None = None) -> str:
+    """A finalist in one line: its figures (with what it costs against the baseline in points
+    of the task metric, on val and test), then its parameters."""
+
+    def cost(value: float, base: float | None) -> str:
+        return "" if base is None else f" ({100 * (value - base):+.2f} pt)"
+
+    baseline = baseline or {}
+    figures = [f"val {m} {row[m]:.4f}{cost(row[m], baseline.get(m))}"]
     if f"test_{m}" in row:
-        figures.append(f"test {row[f'test_{m}']:.4f}")
+        figures.append(f"test {row[f'test_{m}']:.4f}{cost(row[f'test_{m}'], baseline.get(f'baseline_test_{m}'))}")
     if "size_bytes" in row:
         figures.append(f"{row['size_bytes'] / 1024:.1f} kB ({row['compression_ratio']:.1f}x smaller)")
     if "final_latency_ms" in row:
         figures.append(f"{row['final_latency_ms']:.3f} ms ({row['final_speedup']:.2f}x)")
     params = ", ".join(
-        f"{k.split('.', 1)[1]}={v if isinstance(v, (bool, str)) else format(v, 'g')}"
+        f"{k.split('.', 1)[1]}={v if isinstance(v, (bool, str)) else format(v, '.3g')}"
         for k, v in params_of(row).items()
         if isinstance(v, (int, float, str))
     )
-    return f"{'; '.join(figures)}  [{params}]"
+    return f"{'; '.join(figures)}\n[{params}]"
+
+
+def _indented(text: str, indent: str = "  ", width: int = 120) -> str:
+    """`text` wrapped to `width` columns, every line indented."""
+    return "\n".join(
+        textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent + "  ") for line in text.splitlines()
+    )
 
 
 # ------------------------------------------------------------------ the report
@@ -259,14 +290,22 @@ table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;paddin
 th{background:#f3f3f3}.pick{background:#eef7ee;border:1px solid #9c9;padding:.6em 1em}img{max-width:100%}"""
 
 
-def _recommendation_html(summary: Mapping[str, Any]) -> str:
-    recommended = summary["recommended"]
-    if recommended is None:
+def _recommendation_html(summary: Mapping[str, Any], run_dir: Path) -> str:
+    """The pick with its cost against the baseline, the usual alternatives, and how to get it."""
+    row, m, baseline = summary["recommended"], _metric(summary), summary["baseline"]
+    if row is None:
         return f"<p>No recommendation: {html.escape(summary['rule'])}.</p>"
+    others = [(label, r) for label, r in summary.get("alternatives", {}).items() if r["trial"] != row["trial"]]
+    items = "".join(
+        f"<li>{html.escape(label)}: trial {html.escape(_describe(r, m, baseline))}</li>" for label, r in others
+    )
+    command = f"autocompress export --run-dir {run_dir} --trial {row['trial']} --out {run_dir}/package"
     return (
-        f'<div class="pick"><b>Ship trial {recommended["trial"]}</b>: {html.escape(summary["rule"])}.<br>'
-        f"{_table([recommended], [k for k in final_columns(_metric(summary), [recommended]) if k in recommended])}<br>"
-        f"Configuration: <code>{html.escape(json.dumps(params_of(recommended), sort_keys=True))}</code></div>"
+        f'<div class="pick"><b>Ship trial {row["trial"]}</b>: {html.escape(summary["rule"])}.<br>'
+        f"{html.escape(_describe(row, m, baseline))}<br>"
+        f"{_table([row], [k for k in final_columns(m, [row]) if k in row])}<br>"
+        + (f"Alternatives:<ul>{items}</ul>" if items else "")
+        + f"Get it: <code>{html.escape(command)}</code></div>"
     )
 
 
@@ -333,7 +372,8 @@ def write_report(run_dir: Path, study: optuna.Study) -> Path:
     baseline, objectives, m = summary["baseline"], summary["objectives"], _metric(summary)
     rows = trial_rows(study, baseline)
     history = hypervolume_history(study.trials, baseline, objectives)
-    plot = _image(write_plot(rows, baseline, run_dir / rundir.PLOT_FILE, m))
+    pick = summary["recommended"]["trial"] if summary["recommended"] else None
+    plot = _image(write_plot(rows, baseline, run_dir / rundir.PLOT_FILE, m, pick))
     with tempfile.TemporaryDirectory() as tmp:
         curve = _image(_history_plot(history, Path(tmp) / "hypervolume.png")) if history else ""
     b = baseline
@@ -348,7 +388,7 @@ def write_report(run_dir: Path, study: optuna.Study) -> Path:
         f"{len([r for r in rows if r['state'] == 'COMPLETE'])} complete trials of {len(rows)}. "
         f"Constraints: {html.escape(constraints)}.</p>",
         "<h2>Recommendation</h2>",
-        _recommendation_html(summary),
+        _recommendation_html(summary, run_dir),
         "<h2>Pareto front</h2>",
         _front_html(summary, plot),
         _finishing_html(summary),

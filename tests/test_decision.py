@@ -15,6 +15,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from experiments.efficiency import TABLE_PATH, Table, grid_configs, replay, target_met
@@ -65,6 +66,38 @@ def test_recommendation_is_the_smallest_within_the_limit_else_the_knee():
     pick, rule = front.recommend(rows, BASELINE, OBJECTIVES, max_accuracy_drop=None)
     assert "knee" in rule
     assert front.recommend([], BASELINE, OBJECTIVES, 0.01)[0] is None
+
+
+def test_a_degenerate_trial_is_shown_but_does_not_decide_the_knee():
+    """Trial 3 scores 0.19 with 10 classes: below halfway from the majority class (0.10) to the
+    baseline (0.90). With it, it is the front's tiny extreme and drags the knee toward itself."""
+    rows = [
+        dict(point(0.0, 0.60, 1.0), trial=0),
+        dict(point(0.01, 0.20, 0.9), trial=1),
+        dict(point(0.06, 0.05, 0.6), trial=2),
+        dict(point(0.71, 0.001, 0.1), trial=3),
+    ]
+    baseline = dict(BASELINE, trivial_accuracy=0.10)
+    assert front.floor(baseline) == pytest.approx(0.50)
+    assert [r["trial"] for r in front.sensible(rows, baseline)] == [0, 1, 2]
+    with_it = front.knee(rows, baseline, OBJECTIVES)["trial"]
+    pick, rule = front.recommend(rows, baseline, OBJECTIVES, max_accuracy_drop=None)
+    assert pick["trial"] == front.knee(rows[:3], baseline, OBJECTIVES)["trial"] != with_it
+    assert "sensible" in rule
+    alternatives = front.alternatives(rows, baseline)
+    assert alternatives["smallest within 1 pt"]["trial"] == 1 and alternatives["fastest within 1 pt"]["trial"] == 1
+
+
+def test_the_trivial_model_scores_the_majority_class_or_the_mean_embedding():
+    from objectives.accuracy import Accuracy
+    from objectives.task import EmbeddingFidelity, MacroF1
+
+    y = torch.tensor([0, 0, 0, 1, 2])
+    logits = torch.randn(5, 3)
+    assert Accuracy().trivial(logits, y) == pytest.approx(0.6)
+    assert MacroF1().trivial(logits, y) == pytest.approx((2 * 3 / (2 * 3 + 2)) / 3)  # class 0: tp 3, fp 2
+    reference = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert EmbeddingFidelity().trivial(reference, y[:2], reference) == pytest.approx(2**-0.5)
 
 
 @pytest.mark.parametrize(
@@ -165,6 +198,11 @@ def constrained_run(tmp_path_factory):
 def test_constrained_search_recommends_a_feasible_model_and_reports_it(constrained_run, tmp_path):
     run_dir, printed = constrained_run
     assert "recommended: trial" in printed
+    # what the pick costs against the baseline, in points on val and test, and how to get it
+    assert re.search(r"val accuracy 0\.\d{4} \([+-]\d+\.\d{2} pt\); test 0\.\d{4} \([+-]\d+\.\d{2} pt\)", printed)
+    assert f"get it: autocompress export --run-dir {run_dir} --trial" in printed
+    assert "or from the MLflow Model Registry: models:/smoke/1" in printed
+    assert max(len(line) for line in printed.splitlines() if str(run_dir) not in line) <= 120  # paths aside
 
     study = load_study(run_dir)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -181,6 +219,7 @@ def test_constrained_search_recommends_a_feasible_model_and_reports_it(constrain
     for section in ("Recommendation", "Pareto front", "Failures by reason", "Hypervolume"):
         assert f"<h2>{section}</h2>" in page
     assert f"Ship trial {pick['trial']}" in page and page.count("data:image/png;base64,") == 2
+    assert f"--trial {pick['trial']} --out" in page and " pt)" in page
     assert not re.search(r"(src|href)=\"(http|/)", page)  # self-contained
 
     parents, children = runs_of(run_dir)
@@ -314,8 +353,10 @@ def test_the_plots_keep_a_degenerate_trial_at_the_edge_instead_of_stretching_the
         {"trial": 0, "state": "COMPLETE", "pareto": True, "accuracy": 0.905, "size_bytes": 20_000.0, "latency_ms": 0.5},
         {"trial": 1, "state": "COMPLETE", "pareto": True, "accuracy": 0.19, "size_bytes": 2_000.0, "latency_ms": 0.2},
     ]
-    report.write_plot(rows, baseline, tmp_path / "p.png")
+    report.write_plot(rows, baseline, tmp_path / "p.png", pick=0)
     for ax in figures[0].axes:
+        ring = [c for c in ax.collections if c.get_label() == "recommended"]
+        assert ring and ring[0].get_offsets()[0][1] == pytest.approx(0.905)  # the pick is marked
         bottom, top = ax.get_ylim()
         assert 0.85 < bottom < 0.86 and top < 0.95  # the 0.19 trial does not stretch the axis...
         edge = [c for c in ax.collections if c.get_label().startswith("Pareto-optimal, below")]
