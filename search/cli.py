@@ -112,32 +112,6 @@ def _prepare(args: argparse.Namespace, config: Any, run_dir: Path, n_trials: int
     )
 
 
-def trial_reporter(n_trials: int, metric: str = "accuracy") -> Callable:
-    """One log line per finished trial: its state, figures or reason."""
-    from search.records import finished_trials, reason
-
-    def on_trial(study: Any, trial: Any) -> None:
-        attrs = trial.user_attrs
-        done = f"[{finished_trials(study)}/{n_trials}] trial {trial.number}"
-        if trial.state.name != "COMPLETE":
-            logger.info("%s %s  %s", done, trial.state.name, reason(attrs))
-            return
-        nan = float("nan")
-        logger.info(
-            "%s COMPLETE  %s %.4f  size %.1f kB (%.1fx)  latency %.3f ms (%.2fx)  %.1fs",
-            done,
-            "acc" if metric == "accuracy" else metric,
-            attrs.get(metric, nan),
-            attrs.get("size_bytes", nan) / 1024,
-            attrs.get("compression_ratio", nan),
-            attrs.get("latency_ms", nan),
-            attrs.get("speedup", nan),
-            attrs.get("trial_seconds", nan),
-        )
-
-    return on_trial
-
-
 def _spawn_workers(args: argparse.Namespace, run_dir: Path, n_trials: int) -> None:
     """Start `args.workers` worker processes on this study and wait for them.
 
@@ -178,6 +152,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from search.finalize import summarize
     from search.loop import run_search
+    from search.progress import Progress
     from search.report import result_text
 
     config, n_trials, run_dir = _load(args)
@@ -192,7 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 # Finalists are timed again here, alone: workers timed their trials side by side.
                 result = summarize(prepared)
         else:
-            result = run_search(prepared, n_trials, on_trial=trial_reporter(n_trials, prepared.config.metric))
+            with Progress(prepared, n_trials).showing() as progress:
+                result = run_search(prepared, n_trials, on_trial=progress)
     print(result_text(config, result))
     print(f"results: {result.table_path}  plot: {result.plot_path}  ({time.perf_counter() - started:.0f}s)")
     print(f"review in the MLflow UI: autocompress ui --run-dir {run_dir}")
@@ -201,6 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from search.loop import run_trials
+    from search.progress import Progress
 
     config, n_trials, run_dir = _load(args)
     if threads := os.environ.get("AUTOCOMPRESS_THREADS"):
@@ -208,7 +185,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(int(threads))
     prepared = _prepare(args, config, run_dir, n_trials, driver=False)
-    ran = run_trials(prepared, n_trials, on_trial=trial_reporter(n_trials, prepared.config.metric))
+    ran = run_trials(prepared, n_trials, on_trial=Progress(prepared, n_trials))
     logger.info("worker %d: ran %d trials; the study has reached its target of %d", os.getpid(), ran, n_trials)
     return EXIT_OK
 

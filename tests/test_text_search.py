@@ -3,6 +3,7 @@ named inputs through the trials, the task metric under its own name, and a packa
 plain ONNX Runtime session runs, fed by the tokenizer it ships."""
 
 import json
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -49,7 +50,7 @@ def write_config(tmp_path, **changes):
     return str(path)
 
 
-def test_a_text_search_scores_its_metric_and_exports_a_package_that_runs_from_the_tokenizer(tmp_path, capsys):
+def test_a_text_search_scores_its_metric_and_exports_a_package_that_runs_from_the_tokenizer(tmp_path, capsys, caplog):
     from mlflow.tracking import MlflowClient
     from tokenizers import Tokenizer
 
@@ -59,6 +60,9 @@ def test_a_text_search_scores_its_metric_and_exports_a_package_that_runs_from_th
     assert main(["run", write_config(tmp_path), "--run-dir", str(run_dir)]) == 0
     printed = capsys.readouterr().out
     assert "val macro_f1" in printed and "test macro_f1" in printed
+    # not a terminal: each trial's line says how the run is going, with no progress bar
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[4/4] trial")]
+    assert lines and re.search(r"\| [\d.]+ s/trial, about \d+ min left, front \d+", lines[0])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["metric"] == "macro_f1" and summary["pareto"]
 
