@@ -32,6 +32,7 @@ from search.records import numbers_of, trial_params
 from search.storage import open_study
 from search.workload import model_factory
 from strategies.artifact import load_artifact
+from strategies.inputs import runtime_feed
 from strategies.runtime import ARTIFACT_NAME, ONNX_NAME
 
 PACKAGE_VERSION = 1
@@ -149,4 +150,26 @@ def register(run_dir: Path, tracker: Any, model_name: str) -> int | None:
         prefix = "finished_" if finished_is_better(row, m) else ""  # the package holds that model
         figures = {k: row[prefix + k] for k in final_columns(m, [row]) if prefix + k in row}
         tags = {"trial": row["trial"], "rule": summary["rule"], "finished": bool(prefix), **figures}
-        return tracker.register_model(model_name, row["mlflow_run_id"], package, tags)
+        model_uri = None if prefix else row.get("model_uri")
+        if not model_uri:  # the finished model, or a trial recorded before trials logged models
+            name = "finished-model" if prefix else "model"
+            model_uri = log_onnx_model(tracker, row["mlflow_run_id"], package / ONNX_NAME, None, name)
+        return tracker.register_model(model_name, row["mlflow_run_id"], model_uri, package, tags)
+
+
+def log_onnx_model(tracker: Any, run_id: str, path: Path, example: Any = None, name: str = "model") -> str:
+    """Log an ONNX file as the run's MLflow logged model, with an input example (the workload's
+    own, or zeros and token ids of 1 of the file's input shapes) and the signature it gives."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if example is not None:
+        feed = runtime_feed(example)
+    else:
+        feed = {}
+        for i in session.get_inputs():
+            shape = [d if isinstance(d, int) else (1 if n == 0 else 8) for n, d in enumerate(i.shape)]
+            feed[i.name] = np.ones(shape, np.int64) if "int" in i.type else np.zeros(shape, np.float32)
+    output = session.run(None, feed)[0]
+    example = feed if len(feed) > 1 else next(iter(feed.values()))
+    return tracker.log_model(run_id, path, example, output, name)

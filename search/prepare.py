@@ -34,7 +34,7 @@ from search.tracking import Tracker, flatten
 from search.workload import Split, Workload, build_workload
 from strategies.artifact import size_breakdown
 from strategies.base import Context, Strategy
-from strategies.inputs import Inputs
+from strategies.inputs import Inputs, runtime_numpy
 from strategies.registry import build_strategies
 from strategies.runtime import Deployable, materialize
 
@@ -283,6 +283,12 @@ def _parent_run(p: Prepared, tracker: Tracker) -> str:
         metrics={f"baseline_{k}": v for k, v in p.baseline.items()},
         tags={"study_name": p.config.name, "role": "study"},
     )
+    w = p.workload
+    splits = {
+        name: (runtime_numpy(split.x), split.y.numpy())
+        for name, split in (("train", w.train), ("val", w.val), ("test", w.test))
+    }
+    tracker.log_datasets(parent_run_id, splits, p.config.workload.data_dir or p.config.workload.dataset, p.config.name)
     if p.context.sensitivity:
         path = p.run_dir / rundir.SENSITIVITY_FILE
         path.write_text(json.dumps(p.context.sensitivity, indent=1))

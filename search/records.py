@@ -88,6 +88,7 @@ def trial_rows(study: optuna.Study, baseline: Mapping[str, float]) -> list[dict[
             row["violation"] = front.violation(t.constraints, baseline)
         row["fail_reason"] = reason(t.user_attrs)
         row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id", "")
+        row["model_uri"] = t.user_attrs.get("model_uri", "")  # its MLflow logged model
         rows.append(row)
     return rows
 

@@ -122,20 +122,62 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path) -> None:
         self.client.log_artifact(run_id, str(path))
 
-    def register_model(self, name: str, run_id: str, package: Path, tags: Mapping[str, Any]) -> int:
-        """Log `package` as the run's ``model`` artifact and register it as a new version of `name`."""
+    def log_model(self, run_id: str, onnx_path: Path, example: Any, output: Any, name: str = "model") -> str:
+        """Log an ONNX file as an MLflow logged model of the run (the UI's Models column; loadable
+        with ``mlflow.pyfunc.load_model``), with a signature and an input example. Returns its URI."""
+        import mlflow
+        import mlflow.onnx
+        import onnx
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        signature = mlflow.models.infer_signature(example, output)
+        with mlflow.start_run(run_id=run_id):  # the fluent API is the only way to log a model
+            info = mlflow.onnx.log_model(
+                onnx.load(str(onnx_path)),
+                name=name,
+                signature=signature,
+                input_example=example,
+                save_as_external_data=False,
+                onnx_execution_providers=["CPUExecutionProvider"],
+            )
+        return info.model_uri
+
+    def log_datasets(self, run_id: str, splits: Mapping[str, tuple[Any, Any]], source: str, name: str) -> None:
+        """The study's train/val/test splits as the run's MLflow dataset inputs (a digest each,
+        the UI's Datasets panel). `splits`: context → (features, targets) as numpy arrays."""
+        import warnings
+
+        import mlflow
+        import mlflow.data
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "the source can be interpreted in multiple ways"
+            datasets = {
+                c: mlflow.data.from_numpy(x, targets=y, source=source, name=f"{name}-{c}")
+                for c, (x, y) in splits.items()
+            }
+        with mlflow.start_run(run_id=run_id):
+            for context, dataset in datasets.items():
+                mlflow.log_input(dataset, context=context)
+        self.client.update_run(run_id, status="RUNNING")  # leaving the fluent run ended it
+
+    def register_model(self, name: str, run_id: str, model_uri: str, package: Path, tags: Mapping[str, Any]) -> int:
+        """Register the logged model `model_uri` as a new version of `name`, with the whole
+        package (packed weights, spec, state dict) logged beside it as the run's ``package``."""
         from mlflow.exceptions import MlflowException
 
         for version in self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
             return int(version.version)  # registered already: a resumed or re-reported study
-        self.client.log_artifacts(run_id, str(package), artifact_path="model")
+        self.client.log_artifacts(run_id, str(package), artifact_path="package")
         try:
             self.client.create_registered_model(name, description="Recommended by autocompress")
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+        model_id = model_uri.removeprefix("models:/")
         version = self.client.create_model_version(
-            name, source=f"runs:/{run_id}/model", run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+            name, source=model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, model_id=model_id
         )
         return int(version.version)
 

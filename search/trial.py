@@ -21,12 +21,13 @@ from objectives.base import ObjectiveError
 from search import signals
 from search.anchors import off_params
 from search.early_stop import StoppedEarly, early_stop_check
+from search.package import log_onnx_model
 from search.prepare import Prepared, batched, deploy, measure
 from search.records import run_name
 from search.rundir import trial_dir
 from strategies import pipeline
 from strategies.base import CompressionError, StrategyConfig
-from strategies.runtime import Deployable, check_agreement
+from strategies.runtime import ONNX_NAME, Deployable, check_agreement
 
 
 class RuntimeMismatch(Exception):
@@ -150,5 +151,8 @@ def run_trial(p: Prepared, trial: optuna.Trial) -> tuple[float, ...]:
         tags["latency_noisy"] = "true"
         trial.set_user_attr("latency_noisy", True)
     p.tracker.log(run_id, metrics=metrics, tags=tags)
+    onnx_path = trial_dir(p.run_dir, trial.number) / ONNX_NAME
+    if onnx_path.exists():  # the deployable as an MLflow logged model: the UI's Models column
+        trial.set_user_attr("model_uri", log_onnx_model(p.tracker, run_id, onnx_path, p.workload.example_inputs))
     p.tracker.end(run_id, "FINISHED")
     return tuple(metrics[o.name] for o in p.objectives)

@@ -110,6 +110,12 @@ def runtime_feed(x: Inputs | np.ndarray | Mapping[str, np.ndarray]) -> dict[str,
     return {TENSOR_INPUT_NAME: x.astype(np.float32, copy=False)}
 
 
+def runtime_numpy(x: Inputs) -> np.ndarray | dict[str, np.ndarray]:
+    """The inputs as numpy: one array, or arrays by name."""
+    feed = runtime_feed(x)
+    return feed if isinstance(x, NamedInputs) else next(iter(feed.values()))
+
+
 def from_runtime_feed(batch: np.ndarray | Mapping[str, np.ndarray]) -> Inputs:
     """The model's inputs for a runner's numpy batch (the inverse of `runtime_feed`)."""
     if isinstance(batch, Mapping):

@@ -231,10 +231,22 @@ def test_constrained_search_recommends_a_feasible_model_and_reports_it(constrain
     assert "report.html" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     versions = client.search_model_versions("name = 'smoke'")
     assert len(versions) == 1 and versions[0].run_id == pick["mlflow_run_id"]
-    files = {a.path for a in client.list_artifacts(pick["mlflow_run_id"], "model")}
-    assert {"model/model.onnx", "model/weights.acw", "model/model.json", "model/state_dict.npz"} <= files
-    state = np.load(client.download_artifacts(pick["mlflow_run_id"], "model/state_dict.npz", str(tmp_path)))
+    files = {a.path for a in client.list_artifacts(pick["mlflow_run_id"], "package")}
+    assert {"package/model.onnx", "package/weights.acw", "package/model.json", "package/state_dict.npz"} <= files
+    state = np.load(client.download_artifacts(pick["mlflow_run_id"], "package/state_dict.npz", str(tmp_path)))
     assert state.files  # a plain array archive: np.load refuses pickles by default
+
+    # each completed trial's logged model has a signature; the registered pick loads as an MLflow model
+    import mlflow
+
+    mlflow.set_tracking_uri(sqlite_uri(run_dir))
+    for child in (c for c in children if c.data.tags.get("state") == "COMPLETE"):
+        info = mlflow.models.get_model_info(
+            load_study(run_dir).trials[int(child.data.tags["optuna.trial"])].user_attrs["model_uri"]
+        )
+        assert info.signature.inputs.inputs[0].shape == (-1, 1, 28, 28) and info.run_id == child.info.run_id
+    loaded = mlflow.pyfunc.load_model("models:/smoke/1")
+    assert loaded.metadata.signature is not None
 
     # the report can be written again from the run directory; registering twice adds nothing
     assert main(["report", "--run-dir", str(run_dir)]) == 0
@@ -288,6 +300,19 @@ def test_the_mlflow_server_shows_the_decision(constrained_run):
         model = call("/registered-models/get?name=smoke")["registered_model"]
         versions = model["latest_versions"]
         assert versions and versions[0]["run_id"] in {r["info"]["run_id"] for r in pareto}
+        # every completed trial's deployable is a logged model with a signature; the registered
+        # version is one of them; runs are named by what they tried; the splits are run inputs
+        children = call("/runs/search", {**search, "filter": "tags.state = 'COMPLETE'"})["runs"]
+        logged = call("/logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
+        by_run = {m["info"]["source_run_id"]: m for m in logged}
+        assert {c["info"]["run_id"] for c in children} <= set(by_run)
+        assert versions[0]["source"] == f"models:/{by_run[versions[0]['run_id']]['info']['model_id']}"
+        names = {c["info"]["run_name"] for c in children}
+        assert "trial-0 weight_bits=8 activation_bits=8" in names  # the int8 anchor, by what it turned on
+        assert all(n.startswith("trial-") for n in names)
+        inputs = call(f"/runs/get?run_id={parent}")["run"]["inputs"]["dataset_inputs"]
+        contexts = {t["value"] for i in inputs for t in i["tags"] if t["key"] == "mlflow.data.context"}
+        assert contexts == {"train", "val", "test"} and all(i["dataset"]["digest"] for i in inputs)
     finally:
         server.terminate()
         server.wait(timeout=30)
