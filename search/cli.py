@@ -279,7 +279,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    from mlflow.tracking import MlflowClient
+
+    from search.rundir import load_run_config
+
+    experiment = MlflowClient(sqlite_uri(run_dir)).get_experiment_by_name(load_run_config(run_dir).name)
+    runs = f"#/experiments/{experiment.experiment_id}/runs" if experiment else ""
+    print(f"MLflow UI: http://{args.host}:{args.port}/{runs} (Ctrl-C to stop)", flush=True)
     os.execv(sys.executable, command)
     return EXIT_OK  # pragma: no cover - execv does not return
 

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 6000
+# MLflow 3's UI opens an experiment of this kind on its runs, not on its GenAI traces view.
+KIND_TAG = "mlflow.experimentKind"
+KIND = {KIND_TAG: "custom_model_development"}
 
 
 def sqlite_uri(run_dir: Path) -> str:
@@ -57,9 +60,11 @@ class Tracker:
         if experiment is None:
             # Without an explicit location, artifacts land in ./mlruns of whatever the cwd is.
             location = artifact_dir.resolve().as_uri() if artifact_dir else None
-            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location, tags=KIND)
         else:
             self.experiment_id = experiment.experiment_id
+            if KIND_TAG not in experiment.tags:  # a study recorded before the tag was set
+                self.client.set_experiment_tag(self.experiment_id, KIND_TAG, KIND[KIND_TAG])
 
     @classmethod
     def for_run_dir(cls, run_dir: Path, experiment_name: str, tracking_uri: str | None = None) -> Tracker:

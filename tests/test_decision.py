@@ -264,8 +264,9 @@ def test_the_mlflow_server_shows_the_decision(constrained_run):
         [sys.executable, "-m", "search.cli", "ui", "--run-dir", str(run_dir), "--port", str(port)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
 
@@ -285,6 +286,11 @@ def test_the_mlflow_server_shows_the_decision(constrained_run):
                 assert time.monotonic() < deadline and server.poll() is None, "the MLflow server did not start"
                 time.sleep(0.5)
         search = {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000}
+        # the UI opens on the runs (an experiment of model development, not GenAI), and the link says so
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+        assert server.stdout.readline().strip().startswith(
+            f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs"
+        )
         parents = call("/runs/search", {**search, "filter": "tags.role = 'study'"})["runs"]
         assert len(parents) == 1
         parent = parents[0]["info"]["run_id"]
