@@ -21,7 +21,7 @@ def final_columns(m: str = "accuracy", rows: Sequence[Mapping[str, Any]] = ()) -
     latency = ["final_latency_ms", "final_speedup"] + [
         f"final_{k}_b{b}" for b in others for k in ("latency_ms", "speedup")
     ]
-    return (f"val_{m}", f"test_{m}", "size_bytes", "compression_ratio", *latency)
+    return (f"val_{m}", f"test_{m}", "size_bytes", "compression_ratio", "onnx_bytes", *latency)
 
 
 def finish_columns(m: str = "accuracy") -> tuple[str, ...]:
@@ -31,6 +31,7 @@ def finish_columns(m: str = "accuracy") -> tuple[str, ...]:
 
 HEADERS = {
     "size_bytes": "size",
+    "onnx_bytes": "onnx",
     "compression_ratio": "ratio",
     "final_latency_ms": "latency",
     "final_speedup": "speedup",

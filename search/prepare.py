@@ -105,6 +105,8 @@ def measure(
     metrics["params"] = float(count_params(deployable.model))
     metrics["macs"] = float(count_macs(deployable.model, example))
     metrics.update({f"size_{part}_bytes": float(n) for part, n in size_breakdown(deployable.artifact_path).items()})
+    if deployable.onnx_path is not None:  # what shipping model.onnx itself costs (float or int8 weights)
+        metrics["onnx_bytes"] = float(deployable.onnx_path.stat().st_size)
     return metrics
 
 
@@ -288,7 +290,8 @@ def _parent_run(p: Prepared, tracker: Tracker) -> str:
         name: (runtime_numpy(split.x), split.y.numpy())
         for name, split in (("train", w.train), ("val", w.val), ("test", w.test))
     }
-    tracker.log_datasets(parent_run_id, splits, p.config.workload.data_dir or p.config.workload.dataset, p.config.name)
+    source = {"workload.dataset": p.config.workload.dataset, "workload.data_dir": p.config.workload.data_dir or ""}
+    tracker.log_datasets(parent_run_id, splits, source, p.config.name)
     if p.context.sensitivity:
         path = p.run_dir / rundir.SENSITIVITY_FILE
         path.write_text(json.dumps(p.context.sensitivity, indent=1))

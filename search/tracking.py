@@ -147,21 +147,21 @@ class Tracker:
             )
         return info.model_uri
 
-    def log_datasets(self, run_id: str, splits: Mapping[str, tuple[Any, Any]], source: str, name: str) -> None:
+    def log_datasets(
+        self, run_id: str, splits: Mapping[str, tuple[Any, Any]], source: Mapping[str, str], name: str
+    ) -> None:
         """The study's train/val/test splits as the run's MLflow dataset inputs (a digest each,
-        the UI's Datasets panel). `splits`: context → (features, targets) as numpy arrays."""
-        import warnings
-
+        the UI's Datasets panel). `splits`: context → (features, targets) as numpy arrays;
+        `source`: what loaded them (the workload's dataset function and data directory)."""
         import mlflow
         import mlflow.data
+        from mlflow.data.code_dataset_source import CodeDatasetSource
 
         mlflow.set_tracking_uri(self.tracking_uri)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "the source can be interpreted in multiple ways"
-            datasets = {
-                c: mlflow.data.from_numpy(x, targets=y, source=source, name=f"{name}-{c}")
-                for c, (x, y) in splits.items()
-            }
+        origin = CodeDatasetSource(dict(source))
+        datasets = {
+            c: mlflow.data.from_numpy(x, targets=y, source=origin, name=f"{name}-{c}") for c, (x, y) in splits.items()
+        }
         with mlflow.start_run(run_id=run_id):
             for context, dataset in datasets.items():
                 mlflow.log_input(dataset, context=context)
