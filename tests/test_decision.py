@@ -288,8 +288,10 @@ def test_the_mlflow_server_shows_the_decision(constrained_run):
         search = {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000}
         # the UI opens on the runs (an experiment of model development, not GenAI), and the link says so
         assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
-        assert server.stdout.readline().strip().startswith(
-            f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs"
+        assert (
+            server.stdout.readline()
+            .strip()
+            .startswith(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs")
         )
         parents = call("/runs/search", {**search, "filter": "tags.role = 'study'"})["runs"]
         assert len(parents) == 1
@@ -375,7 +377,7 @@ def test_a_wide_table_is_cut_into_blocks_that_fit_the_terminal():
 
 
 def test_the_plots_keep_a_degenerate_trial_at_the_edge_instead_of_stretching_the_axis(tmp_path, monkeypatch):
-    import search.report as report
+    import search.plots as report
 
     figures = []
     monkeypatch.setattr(report, "_save", lambda fig, path, dpi: figures.append(fig) or path)
