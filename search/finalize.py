@@ -184,6 +184,7 @@ def summarize(p: Prepared) -> SearchResult:
     n_complete = sum(r["state"] == "COMPLETE" for r in rows)
     p.tracker.log(p.parent_run_id, metrics={"n_complete": n_complete, "n_pareto": len(pareto)}, tags=tags)
     closest = records.closest_infeasible(rows)
+    alternatives = front.alternatives(pareto, p.baseline, p.config.metric)
     rundir.write_summary(
         p.run_dir,
         {
@@ -195,7 +196,7 @@ def summarize(p: Prepared) -> SearchResult:
             "pareto": pareto,
             "recommended": recommended,
             "rule": rule,
-            "alternatives": front.alternatives(pareto, p.baseline, p.config.metric),
+            "alternatives": alternatives,
             "closest": closest,
         },
     )
@@ -207,6 +208,4 @@ def summarize(p: Prepared) -> SearchResult:
     registered = f"{p.config.name}/{version}" if version is not None else None
     if registered:
         p.tracker.set_tag(p.parent_run_id, "registered_model", registered)
-    result = SearchResult(p, pareto, rows, table, plot, recommended, rule, closest, registered)
-    result.alternatives = front.alternatives(pareto, p.baseline, p.config.metric)
-    return result
+    return SearchResult(p, pareto, rows, table, plot, recommended, rule, closest, registered, alternatives)

@@ -153,23 +153,26 @@ def register(run_dir: Path, tracker: Any, model_name: str) -> int | None:
         model_uri = None if prefix else row.get("model_uri")
         if not model_uri:  # the finished model, or a trial recorded before trials logged models
             name = "finished-model" if prefix else "model"
-            model_uri = log_onnx_model(tracker, row["mlflow_run_id"], package / ONNX_NAME, None, name)
+            model_uri = log_onnx_model(tracker, row["mlflow_run_id"], package / ONNX_NAME, name=name)
         return tracker.register_model(model_name, row["mlflow_run_id"], model_uri, package, tags)
 
 
-def log_onnx_model(tracker: Any, run_id: str, path: Path, example: Any = None, name: str = "model") -> str:
-    """Log an ONNX file as the run's MLflow logged model, with an input example (the workload's
-    own, or zeros and token ids of 1 of the file's input shapes) and the signature it gives."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def log_onnx_model(
+    tracker: Any, run_id: str, path: Path, example: Any = None, output: Any = None, name: str = "model"
+) -> str:
+    """Log an ONNX file as the run's MLflow logged model, with an input example and the signature
+    it gives: the workload's own example and the model's `output` for it, or, without them,
+    zeros (token ids of 1) of the file's input shapes run through a session of the file."""
     if example is not None:
         feed = runtime_feed(example)
     else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feed = {}
         for i in session.get_inputs():
             shape = [d if isinstance(d, int) else (1 if n == 0 else 8) for n, d in enumerate(i.shape)]
             feed[i.name] = np.ones(shape, np.int64) if "int" in i.type else np.zeros(shape, np.float32)
-    output = session.run(None, feed)[0]
+        output = session.run(None, feed)[0]
     example = feed if len(feed) > 1 else next(iter(feed.values()))
     return tracker.log_model(run_id, path, example, output, name)

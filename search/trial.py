@@ -27,7 +27,7 @@ from search.records import run_name
 from search.rundir import trial_dir
 from strategies import pipeline
 from strategies.base import CompressionError, StrategyConfig
-from strategies.runtime import ONNX_NAME, Deployable, check_agreement
+from strategies.runtime import Deployable, check_agreement
 
 
 class RuntimeMismatch(Exception):
@@ -89,7 +89,7 @@ def runtime_disagreement(p: Prepared, model: torch.nn.Module, deployable: Deploy
     return disagreement
 
 
-def _evaluate(p: Prepared, trial: optuna.Trial, run_id: str) -> dict[str, float]:
+def _evaluate(p: Prepared, trial: optuna.Trial, run_id: str) -> tuple[dict[str, float], Deployable]:
     """Build, deploy, check and measure the trial's candidate: its metrics."""
     configs = pipeline.suggest(p.strategies, trial)
     p.tracker.log(run_id, params=trial.params)
@@ -107,7 +107,7 @@ def _evaluate(p: Prepared, trial: optuna.Trial, run_id: str) -> dict[str, float]
         signals.check_interrupted()
     for key, limit in p.config.limits().items():  # <= 0 is feasible
         trial.set_constraint(key, metrics[key] - limit)
-    return metrics
+    return metrics, deployable
 
 
 def _noisy(metrics: dict[str, float], max_spread: float) -> bool:
@@ -124,7 +124,7 @@ def run_trial(p: Prepared, trial: optuna.Trial) -> tuple[float, ...]:
     run_id = p.tracker.start_child(p.parent_run_id, f"trial-{trial.number}", tags)
     trial.set_user_attr("mlflow_run_id", run_id)
     try:
-        metrics = _evaluate(p, trial, run_id)
+        metrics, deployable = _evaluate(p, trial, run_id)
     except StoppedEarly as stop:
         trial.set_user_attr("stop_reason", str(stop))
         trial.set_user_attr("cpu_seconds", time.process_time() - started_cpu)
@@ -151,8 +151,9 @@ def run_trial(p: Prepared, trial: optuna.Trial) -> tuple[float, ...]:
         tags["latency_noisy"] = "true"
         trial.set_user_attr("latency_noisy", True)
     p.tracker.log(run_id, metrics=metrics, tags=tags)
-    onnx_path = trial_dir(p.run_dir, trial.number) / ONNX_NAME
-    if onnx_path.exists():  # the deployable as an MLflow logged model: the UI's Models column
-        trial.set_user_attr("model_uri", log_onnx_model(p.tracker, run_id, onnx_path, p.workload.example_inputs))
+    if deployable.onnx_path is not None:  # the deployable as an MLflow logged model: the UI's Models column
+        example = p.workload.example_inputs
+        output = deployable.predict(example).numpy()  # its own runtime session, not a second one
+        trial.set_user_attr("model_uri", log_onnx_model(p.tracker, run_id, deployable.onnx_path, example, output))
     p.tracker.end(run_id, "FINISHED")
     return tuple(metrics[o.name] for o in p.objectives)
