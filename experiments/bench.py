@@ -39,6 +39,7 @@ from search.finalize import finished_figures
 from search.loop import run_search
 from search.package import finished_is_better
 from search.prepare import Prepared, prepare
+from search.progress import Progress
 from search.records import params_of
 from strategies.artifact import encode_model, load_artifact
 from strategies.runtime import ARTIFACT_NAME
@@ -200,7 +201,8 @@ def _study(
     progress(f"bench {config.name}: {n_trials} trials")
     with prepare(config, out / config.name, progress=progress) as prepared:
         target = n_trials + (seed_joint(prepared.study, prepared.strategies, seeds) if technique == "joint" else 0)
-        pareto = run_search(prepared, target).pareto
+        with Progress(prepared, target).showing() as shown:
+            pareto = run_search(prepared, target, on_trial=shown).pareto
         b = prepared.baseline
         found = {
             "baseline": {

@@ -70,7 +70,7 @@ class Progress:
             return
         logger.info("%s", line)
         self.bar.n = count  # the bar shows the rate and the time left itself
-        self.bar.set_postfix_str(self.status(study, count, timing=False), refresh=True)
+        self.bar.set_postfix_str(self.status(study, count), refresh=True)
 
     @contextlib.contextmanager
     def showing(self) -> Iterator[Progress]:

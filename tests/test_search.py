@@ -1,8 +1,10 @@
 """End to end: a smoke search on a small Fashion-MNIST subset, through the CLI."""
 
 import json
+import logging
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -357,3 +359,30 @@ def test_a_grid_smaller_than_the_budget_ends_the_run_normally(tmp_path):
     assert all(t.state.name == "COMPLETE" for t in trials)
     assert (run_dir / "report.html").exists()
     assert main(args) == 0 and len(finished(run_dir)) == 2  # resuming finds nothing left to run
+
+
+def test_on_a_terminal_the_progress_bar_shows_the_front_and_the_trial_lines_stay_readable(caplog):
+    import io
+    import types
+
+    from optuna.trial import create_trial
+
+    from search.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    screen = Terminal()
+    progress = Progress(types.SimpleNamespace(config=types.SimpleNamespace(metric="accuracy"), study=study), 3, screen)
+    with caplog.at_level(logging.INFO, logger="autocompress"), progress.showing():
+        for i, (accuracy, size) in enumerate([(0.90, 2048), (0.80, 4096)]):
+            attrs = {"accuracy": accuracy, "size_bytes": size, "compression_ratio": 2.0, "latency_ms": 1.0}
+            study.add_trial(create_trial(values=[accuracy, size, 1.0], user_attrs={**attrs, "speedup": 1.0}))
+            progress(study, study.trials[-1])
+    bar = screen.getvalue()
+    assert "2/3" in bar and "front 1, smallest feasible 2.0 kB (accuracy 0.9000)" in bar
+    assert [r.getMessage().split("  ")[0] for r in caplog.records if "trial" in r.getMessage()][-1].startswith(
+        "[2/3] trial 1 COMPLETE"
+    )
