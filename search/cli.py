@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -262,18 +264,26 @@ def _ui_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from search.rundir import MLFLOW_DB
-    from search.tracking import sqlite_uri
+    from search.tracking import rebase, sqlite_uri
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / MLFLOW_DB).exists():
+    store = run_dir / MLFLOW_DB
+    if not store.exists():
         raise UsageError(f"--run-dir {run_dir} holds no {MLFLOW_DB}; run a search there first")
+    if os.access(run_dir, os.W_OK) and os.access(store, os.W_OK):
+        rebase(run_dir)  # a copied or moved run directory shows its own artifacts
+    else:
+        store = Path(tempfile.mkdtemp(prefix="autocompress-ui-")) / MLFLOW_DB
+        shutil.copyfile(run_dir / MLFLOW_DB, store)
+        rebase(run_dir, store)
+        print(f"{run_dir} is read-only: the UI serves a copy of its MLflow store, and keeps no edit", flush=True)
     command = [
         sys.executable,
         "-m",
         "mlflow",
         "ui",
         "--backend-store-uri",
-        sqlite_uri(run_dir),
+        sqlite_uri(run_dir, store),
         "--host",
         args.host,
         "--port",
@@ -283,7 +293,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     from search.rundir import load_run_config
 
-    experiment = MlflowClient(sqlite_uri(run_dir)).get_experiment_by_name(load_run_config(run_dir).name)
+    experiment = MlflowClient(sqlite_uri(run_dir, store)).get_experiment_by_name(load_run_config(run_dir).name)
     runs = f"#/experiments/{experiment.experiment_id}/runs" if experiment else ""
     print(f"MLflow UI: http://{args.host}:{args.port}/{runs} (Ctrl-C to stop)", flush=True)
     os.execv(sys.executable, command)

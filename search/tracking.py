@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -29,8 +30,39 @@ KIND_TAG = "mlflow.experimentKind"
 KIND = {KIND_TAG: "custom_model_development"}
 
 
-def sqlite_uri(run_dir: Path) -> str:
-    return f"sqlite:///{(Path(run_dir) / MLFLOW_DB).resolve()}"
+# Where MLflow records an artifact location. It records them as absolute URIs.
+LOCATIONS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+)
+
+
+def sqlite_uri(run_dir: Path, db: Path | None = None) -> str:
+    return f"sqlite:///{Path(db or Path(run_dir) / MLFLOW_DB).resolve()}"
+
+
+def rebase(run_dir: Path, db: Path | None = None) -> int:
+    """Point the artifact locations of a run directory's MLflow store (or of `db`, a copy of
+    it) at the directory's own ``mlartifacts``, where a copied or moved run directory keeps
+    them. MLflow records locations as absolute URIs; they are rewritten only when they lead
+    somewhere else. Returns how many were. Raises sqlite3.OperationalError when the store
+    cannot be written (a read-only directory: rebase a copy instead)."""
+    here = (Path(run_dir) / MLFLOW_ARTIFACTS).resolve().as_uri()
+    with contextlib.closing(sqlite3.connect(db or Path(run_dir) / MLFLOW_DB)) as store:
+        stored = [u for (u,) in store.execute("SELECT artifact_location FROM experiments")]
+        moved = [u for u in stored if u.endswith(f"/{MLFLOW_ARTIFACTS}") and u != here]
+        count = 0
+        with store:  # one transaction
+            for old in moved:
+                for table, column in LOCATIONS:
+                    count += store.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                        f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                        (here, len(old) + 1, old, len(old) + 1, f"{old}/"),
+                    ).rowcount
+    return count
 
 
 def _param_value(value: Any) -> str:
@@ -71,6 +103,8 @@ class Tracker:
         """A tracking server or database if given, else the run directory's own store."""
         if tracking_uri:
             return cls(tracking_uri, experiment_name)
+        if (Path(run_dir) / MLFLOW_DB).exists() and rebase(run_dir):
+            logger.info("the run directory moved: its MLflow artifact locations now point into %s", run_dir)
         return cls(sqlite_uri(run_dir), experiment_name, artifact_dir=Path(run_dir) / MLFLOW_ARTIFACTS)
 
     # -------------------------------------------------------------------- runs

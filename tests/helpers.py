@@ -1,7 +1,11 @@
 """Small shared builders for tests: models with non-trivial BatchNorm stats, contexts,
 quantized models. No test module imports another; what several share lives here."""
 
+import os
+import shutil
+
 import optuna
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
@@ -16,6 +20,22 @@ from strategies.registry import build_strategies, parse_space
 from tests.conftest import ROOT
 
 SMOKE = str(ROOT / "experiments" / "smoke.yaml")
+
+
+# Bind-mount a directory read-only onto itself, in a mount namespace of the command's own.
+_READ_ONLY = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+
+
+def read_only(directory, argv):
+    """`argv` as a command that finds `directory` read-only. Write bits do not stop root, so as
+    root the command gets a private read-only bind mount of it instead."""
+    if os.geteuid() != 0:
+        for path in [directory, *directory.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+        return argv
+    if not shutil.which("unshare"):
+        pytest.skip("a read-only directory for root needs unshare (util-linux)")
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", _READ_ONLY, str(directory), *map(str, argv)]
 
 
 def load_study(run_dir, name="smoke"):

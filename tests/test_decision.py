@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from search.config import ConfigError, parse_config
 from search.samplers import resolve_sampler
 from search.tracking import sqlite_uri
 from tests.conftest import ROOT, needs_fashion_mnist
-from tests.helpers import SMOKE, load_study, runs_of
+from tests.helpers import SMOKE, load_study, read_only, runs_of
 
 BASELINE = {"accuracy": 0.90, "size_bytes": 1000.0, "latency_ms": 2.0}
 OBJECTIVES = ("accuracy", "size_bytes", "latency_ms")
@@ -254,14 +255,15 @@ def test_constrained_search_recommends_a_feasible_model_and_reports_it(constrain
 
 
 @needs_fashion_mnist
-def test_the_mlflow_server_shows_the_decision(constrained_run):
+def test_the_mlflow_server_shows_the_decision(constrained_run, tmp_path):
     """Through MLflow's REST API, as the UI and remote clients see it."""
-    run_dir, _ = constrained_run
+    # served from a copy elsewhere, read-only: the UI finds the copy's own artifacts
+    run_dir = shutil.copytree(constrained_run[0], tmp_path / "copied")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "ui", "--run-dir", str(run_dir), "--port", str(port)],
+        read_only(run_dir, [sys.executable, "-m", "search.cli", "ui", "--run-dir", run_dir, "--port", port]),
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -288,11 +290,12 @@ def test_the_mlflow_server_shows_the_decision(constrained_run):
         search = {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000}
         # the UI opens on the runs (an experiment of model development, not GenAI), and the link says so
         assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
-        assert (
-            server.stdout.readline()
-            .strip()
-            .startswith(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs")
+        printed = [server.stdout.readline().strip() for _ in range(2)]
+        assert printed[0] == f"{run_dir} is read-only: the UI serves a copy of its MLflow store, and keeps no edit"
+        assert printed[1].startswith(
+            f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs"
         )
+        assert experiment["artifact_location"] == (run_dir / "mlartifacts").as_uri()
         parents = call("/runs/search", {**search, "filter": "tags.role = 'study'"})["runs"]
         assert len(parents) == 1
         parent = parents[0]["info"]["run_id"]
@@ -305,6 +308,10 @@ def test_the_mlflow_server_shows_the_decision(constrained_run):
             assert tags["mlflow.parentRunId"] == parent
         artifacts = {f["path"] for f in call(f"/artifacts/list?run_id={parent}").get("files", [])}
         assert "report.html" in artifacts
+        assert parents[0]["info"]["artifact_uri"].startswith((run_dir / "mlartifacts").as_uri() + "/")
+        page = f"http://127.0.0.1:{port}/get-artifact?path=report.html&run_uuid={parent}"
+        with urllib.request.urlopen(page, timeout=30) as response:
+            assert response.read() == (run_dir / "report.html").read_bytes()
         model = call("/registered-models/get?name=smoke")["registered_model"]
         versions = model["latest_versions"]
         assert versions and versions[0]["run_id"] in {r["info"]["run_id"] for r in pareto}
@@ -313,6 +320,7 @@ def test_the_mlflow_server_shows_the_decision(constrained_run):
         children = call("/runs/search", {**search, "filter": "tags.state = 'COMPLETE'"})["runs"]
         logged = call("/logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
         by_run = {m["info"]["source_run_id"]: m for m in logged}
+        assert all(m["info"]["artifact_uri"].startswith((run_dir / "mlartifacts").as_uri()) for m in logged)
         assert {c["info"]["run_id"] for c in children} <= set(by_run)
         assert versions[0]["source"] == f"models:/{by_run[versions[0]['run_id']]['info']['model_id']}"
         names = {c["info"]["run_name"] for c in children}
@@ -324,6 +332,51 @@ def test_the_mlflow_server_shows_the_decision(constrained_run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@needs_fashion_mnist
+def test_a_copied_run_directory_keeps_its_artifacts_and_a_read_only_one_still_exports(constrained_run, tmp_path):
+    import mlflow
+
+    original, _ = constrained_run
+    pick = json.loads((original / "summary.json").read_text())["recommended"]
+    # copied elsewhere and written to (the report): MLflow finds the copy's artifacts, not the original's
+    moved = shutil.copytree(original, tmp_path / "moved")
+    # this process opened the original's runs already, and MLflow keeps each run's artifact
+    # location per process: forget them, as a new process would
+    from mlflow.tracking._tracking_service import utils
+
+    utils._artifact_repos_cache.clear()
+    assert main(["report", "--run-dir", str(moved)]) == 0
+    client = MlflowClient(sqlite_uri(moved))
+    parents, _ = runs_of(moved)
+    assert parents[0].info.artifact_uri.startswith((moved / "mlartifacts").as_uri() + "/")
+    report = client.download_artifacts(parents[0].info.run_id, "report.html", str(tmp_path))
+    assert open(report, "rb").read() == (moved / "report.html").read_bytes()
+    mlflow.set_tracking_uri(sqlite_uri(moved))
+    assert mlflow.pyfunc.load_model("models:/smoke/1").metadata.signature is not None
+
+    # read-only: export works and changes nothing in the run directory
+    frozen = shutil.copytree(original, tmp_path / "frozen")
+    before = {p: p.read_bytes() for p in frozen.rglob("*") if p.is_file()}
+    out = tmp_path / "package"
+    command = [
+        sys.executable,
+        "-m",
+        "search.cli",
+        "export",
+        "--run-dir",
+        frozen,
+        "--trial",
+        pick["trial"],
+        "--out",
+        out,
+    ]
+    done = subprocess.run(read_only(frozen, command), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert {"model.onnx", "weights.acw", "model.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "model.json").read_text())["trial"] == pick["trial"]
+    assert {p: p.read_bytes() for p in frozen.rglob("*") if p.is_file()} == before
 
 
 @needs_fashion_mnist

@@ -377,7 +377,7 @@ def test_on_a_terminal_the_progress_bar_shows_the_front_and_the_trial_lines_stay
     screen = Terminal()
     progress = Progress(types.SimpleNamespace(config=types.SimpleNamespace(metric="accuracy"), study=study), 3, screen)
     with caplog.at_level(logging.INFO, logger="autocompress"), progress.showing():
-        for i, (accuracy, size) in enumerate([(0.90, 2048), (0.80, 4096)]):
+        for accuracy, size in [(0.90, 2048), (0.80, 4096)]:
             attrs = {"accuracy": accuracy, "size_bytes": size, "compression_ratio": 2.0, "latency_ms": 1.0}
             study.add_trial(create_trial(values=[accuracy, size, 1.0], user_attrs={**attrs, "speedup": 1.0}))
             progress(study, study.trials[-1])
