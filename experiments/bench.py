@@ -1,12 +1,14 @@
 """Benchmark: single techniques against the joint search, next to Deep Compression.
 
-For each model, five studies run on the same workload and budget:
+For each model (LeNet-300-100 and LeNet-5 on Fashion-MNIST, MiniLM on Rotten Tomatoes), five
+studies run on the same workload and budget:
 
 - ``pruning``: structured + unstructured pruning (one-shot or gradual, global or per-layer),
   with a plain fine-tune (alpha 0, no teacher);
 - ``quantization``: uniform weight and activation bits, with a plain quantization-aware fine-tune;
 - ``weight sharing``: a k-means codebook of 2^b values per layer, centroids fine-tuned;
-- ``distillation``: a smaller student (structured width) trained against the teacher;
+- ``distillation``: a smaller student trained against the teacher (structured width for the
+  LeNets; heads, FFN neurons and depth for MiniLM);
 - ``joint``: the experiment's whole search space and these options, widened to hold every
   single technique's (alpha from 0, the plain fine-tune). It starts from the single
   techniques' best finalists within 2 validation points and from their stacks (the pruning
@@ -15,11 +17,12 @@ For each model, five studies run on the same workload and budget:
   as its first trials, then runs its own `n_trials`: its front starts where theirs ended.
 
 Every figure comes from the Pareto finalists, rebuilt and scored once on the test split:
-the best compression ratio and the best speedups within a 1.0-point test-accuracy drop. Three
-rows isolate the new parts on the joint study's own trials: ``joint, finished`` (the finishing
-stage alone: the best finalists per axis within 2 validation points, fine-tuned again for
-FINISH_EPOCHS), ``joint, bit-packed`` (entropy coding alone: the best-ratio trial written with
-bit-level layouts only) and ONNX Runtime's ``quantize_static`` beside the int8 anchor
+the best compression ratio and the best speedups (batch 1, and the largest timed batch) within
+a 1.0-point test-accuracy drop. Three rows isolate the new parts on the joint study's own
+trials: ``joint, finished`` (the finishing stage alone: the best finalists per axis within 2
+validation points, fine-tuned again; not for MiniLM, whose epoch takes minutes),
+``joint, bit-packed`` (entropy coding alone: the best-ratio trial written with bit-level
+layouts only) and, for the LeNets, ONNX Runtime's ``quantize_static`` beside the int8 anchor
 (`experiments.ort_reference`). Studies resume, so an interrupted benchmark continues.
 """
 
@@ -29,7 +32,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from experiments import ort_reference
 from search import rundir
@@ -46,21 +49,36 @@ from strategies.runtime import ARTIFACT_NAME
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENTS = {"lenet300": "fmnist_mlp.yaml", "lenet5": "fmnist_cnn.yaml"}
-# Deep Compression (Han et al., 2016), storage ratio at no accuracy loss, on MNIST.
-DEEP_COMPRESSION = {"lenet300": 40.0, "lenet5": 39.0}
 MAX_DROP = 0.01
-# The benchmark may fine-tune longer than a default search: up to this many epochs.
-FINETUNE_EPOCHS = 4
-FINISH_EPOCHS = 12  # the finishing stage's fine-tune
 FINISH_WITHIN = 0.02  # finish, and seed the joint study with, finalists this close on validation
 FINISH_PER_AXIS = 2  # how many of them per axis the finishing stage lengthens
-# The options the pruning study and the joint study also search (off in the default experiments).
+# The options the pruning study and the joint study also search where the space prunes
+# unstructured weights (off in the default experiments).
 OPTIONS = {"pruning.gradual": [False, True], "pruning.per_layer_sparsity": [False, True]}
-AXES = {"best_ratio": "compression_ratio", "best_speedup_b1": "final_speedup", "best_speedup_b64": "final_speedup_b64"}
 PLAIN = {"distillation.alpha": 0.0, "distillation.temperature": 1.0}  # a fine-tune on the labels only
 
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    experiment: str  # in experiments/
+    student: tuple[str, ...]  # what shapes a distillation student
+    finetune_epochs: int  # the longest fine-tune a study searches (a default search: fewer)
+    finish_epochs: int | None  # the finishing stage's fine-tune; None: no finishing row
+    deep_compression_ratio: float | None  # Deep Compression (Han et al., 2016) at no loss, MNIST
+    ort_reference: bool  # time ONNX Runtime's own quantize_static beside the int8 anchor
+
+
+MODELS = {
+    "lenet300": BenchModel("fmnist_mlp.yaml", ("pruning.structured_ratio",), 4, 12, 40.0, True),
+    "lenet5": BenchModel("fmnist_cnn.yaml", ("pruning.structured_ratio",), 4, 12, 39.0, True),
+    # A fine-tune epoch of MiniLM takes minutes here: the experiment's one epoch, no finishing.
+    "minilm": BenchModel(
+        "rt_minilm.yaml", ("pruning.head_ratio", "pruning.ffn_ratio", "pruning.layer_ratio"), 1, None, None, False
+    ),
+}
+
 # Which parameters each single technique searches; fixed values are set alongside.
+# ("student" stands for the model's BenchModel.student parameters.)
 TECHNIQUES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "pruning": (("pruning.", "distillation.epochs", "distillation.lr"), PLAIN),
     "quantization": (
@@ -71,18 +89,33 @@ TECHNIQUES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         ("distillation.epochs", "distillation.lr"),
         {**PLAIN, "quantization.weight_bits": [2, 3, 4, 5, 6, 8], "quantization.scheme": "codebook"},
     ),
-    "distillation": (("pruning.structured_ratio", "distillation."), {"distillation.epochs": [1, FINETUNE_EPOCHS]}),
+    "distillation": (("student", "distillation."), {}),
     "joint": (("",), {"quantization.scheme": ["uniform", "codebook"]}),
 }
 
 
+def axes(config: Config) -> dict[str, str]:
+    """The reported axes → the finalist figure each is read from: the compression ratio, and
+    the speedup at batch 1 and at the largest configured batch."""
+    large = max(config.latency.batch_sizes)
+    return {"best_ratio": "compression_ratio", "best_speedup_b1": "final_speedup"} | (
+        {f"best_speedup_b{large}": f"final_speedup_b{large}"} if large > 1 else {}
+    )
+
+
 def technique_config(base: Config, model: str, technique: str) -> Config:
+    spec = MODELS[model]
     prefixes, fixed = TECHNIQUES[technique]
-    space = {k: v.to_yaml() for k, v in base.search_space.items()} | OPTIONS
+    prefixes = tuple(q for p in prefixes for q in (spec.student if p == "student" else (p,)))
+    space = {k: v.to_yaml() for k, v in base.search_space.items()}
+    if "pruning.unstructured_sparsity" in space:
+        space |= OPTIONS
     space = {k: v for k, v in space.items() if k.startswith(prefixes)}
     if "distillation.epochs" in space:
-        space["distillation.epochs"] = [0, FINETUNE_EPOCHS]
+        space["distillation.epochs"] = [0, spec.finetune_epochs]
     space.update(fixed)
+    if technique == "distillation":
+        space["distillation.epochs"] = [1, spec.finetune_epochs] if spec.finetune_epochs > 1 else 1
     if technique == "joint":  # the union of the single techniques' spaces
         for key, floor in (("distillation.alpha", 0.0), ("distillation.temperature", 1.0)):
             if isinstance(space.get(key), list):
@@ -110,21 +143,22 @@ def best_within(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     }
 
 
-def best_rows(rows: list[dict[str, Any]], baseline_val: float) -> dict[str, dict[str, Any]]:
+def best_rows(rows: list[dict[str, Any]], baseline_val: float, axes: dict[str, str]) -> dict[str, dict[str, Any]]:
     """The finalists that are best on each reported axis among those within FINISH_WITHIN of the
     baseline on validation: what the joint study starts from. Test accuracy stays out of the search."""
     near = [r for r in rows if baseline_val - r["val_accuracy"] <= FINISH_WITHIN + 1e-12]
-    return {axis: max(near, key=lambda r, k=key: r.get(k, 0)) for axis, key in AXES.items() if near}
+    return {axis: max(near, key=lambda r, k=key: r.get(k, 0)) for axis, key in axes.items() if near}
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {**{axis: best_within(rows, key) for axis, key in AXES.items()}, "n_pareto": len(rows)}
+def summary(rows: list[dict[str, Any]], axes: dict[str, str]) -> dict[str, Any]:
+    return {**{axis: best_within(rows, key) for axis, key in axes.items()}, "n_pareto": len(rows)}
 
 
-def stacked(bests: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[dict[str, Any], str]]:
+def stacked(bests: dict[str, dict[str, dict[str, Any]]], fast: str) -> list[tuple[dict[str, Any], str]]:
     """The single techniques' best finalists stacked, as Deep Compression stacks its stages: the
     pruning study's smallest model with the quantization or weight sharing study's widths, and
-    the fastest pruned model and the fastest student with the quantization study's fastest widths."""
+    the fastest pruned model and the fastest student (on axis `fast`) with the quantization
+    study's fastest widths."""
 
     def part(technique: str, axis: str, prefix: str) -> dict[str, Any] | None:
         row = bests.get(technique, {}).get(axis)
@@ -137,8 +171,8 @@ def stacked(bests: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[dict[str,
     for base, widths, axis in (
         (("pruning", "best_ratio"), ("quantization", "best_ratio"), "best_ratio"),
         (("pruning", "best_ratio"), ("weight sharing", "best_ratio"), "best_ratio"),
-        (("pruning", "best_speedup_b64"), ("quantization", "best_speedup_b64"), "best_speedup_b64"),
-        (("distillation", "best_speedup_b64"), ("quantization", "best_speedup_b64"), "best_speedup_b64"),
+        (("pruning", fast), ("quantization", fast), fast),
+        (("distillation", fast), ("quantization", fast), fast),
     ):
         first, second = part(*base, ""), part(widths[0], axis, "quantization.")
         if first is not None and second is not None:
@@ -159,14 +193,16 @@ def seed_joint(study: Any, strategies: list, seeds: dict[tuple, str]) -> int:
     return len(seeds)
 
 
-def finished_rows(p: Prepared, rows: list[dict[str, Any]], baseline_test: float) -> list[dict[str, Any]]:
+def finished_rows(
+    p: Prepared, rows: list[dict[str, Any]], baseline_test: float, axes: dict[str, str], epochs: int
+) -> list[dict[str, Any]]:
     """The finishing stage alone: the FINISH_PER_AXIS best finalists per axis within FINISH_WITHIN
-    validation points fine-tuned again for FINISH_EPOCHS; each takes its finished figures where validation says so."""
+    validation points fine-tuned again for `epochs`; each takes its finished figures where validation says so."""
     near = [r for r in rows if p.baseline["accuracy"] - r["val_accuracy"] <= FINISH_WITHIN + 1e-12]
     chosen = {
-        r["trial"] for key in AXES.values() for r in sorted(near, key=lambda r, k=key: -r.get(k, 0))[:FINISH_PER_AXIS]
+        r["trial"] for key in axes.values() for r in sorted(near, key=lambda r, k=key: -r.get(k, 0))[:FINISH_PER_AXIS]
     }
-    search = dataclasses.replace(p.config.search, finish_epochs=FINISH_EPOCHS)
+    search = dataclasses.replace(p.config.search, finish_epochs=epochs)
     p = dataclasses.replace(p, config=dataclasses.replace(p.config, search=search), lock=None)
     out = []
     for row in rows:
@@ -194,12 +230,11 @@ def bit_packed(p: Prepared, best: dict[str, Any] | None) -> dict[str, Any] | Non
     return {**best, "size_bytes": size, "compression_ratio": p.baseline["size_bytes"] / size, "coded": best}
 
 
-def _study(
-    out: Path, config: Config, technique: str, n_trials: int, seeds: dict[tuple, str], progress: Callable[[str], None]
-) -> dict[str, Any]:
+def _study(out: Path, model: str, config: Config, technique: str, n_trials: int, seeds: dict[tuple, str]) -> dict:
     """One technique's study: its best figures, and its best finalists' rows."""
-    progress(f"bench {config.name}: {n_trials} trials")
-    with prepare(config, out / config.name, progress=progress) as prepared:
+    spec, axis = MODELS[model], axes(config)
+    logger.info("bench %s: %d trials", config.name, n_trials)
+    with prepare(config, out / config.name, progress=logger.info) as prepared:
         target = n_trials + (seed_joint(prepared.study, prepared.strategies, seeds) if technique == "joint" else 0)
         with Progress(prepared, target).showing() as shown:
             pareto = run_search(prepared, target, on_trial=shown).pareto
@@ -210,13 +245,15 @@ def _study(
                 "test_accuracy": b["baseline_test_accuracy"],
                 **{k: v for k, v in b.items() if k.startswith("latency_ms")},
             },
-            "rows": {technique: summary(pareto)},
-            "bests": best_rows(pareto, b["accuracy"]),
+            "rows": {technique: summary(pareto, axis)},
+            "bests": best_rows(pareto, b["accuracy"], axis),
         }
-        if technique == "quantization":
+        if technique == "quantization" and spec.ort_reference:
             found["ort_reference"] = ort_reference.compare(prepared, out / f"{config.name}-ort-reference")
         if technique == "joint":
-            found["rows"]["joint, finished"] = summary(finished_rows(prepared, pareto, b["baseline_test_accuracy"]))
+            if spec.finish_epochs:
+                finished = finished_rows(prepared, pareto, b["baseline_test_accuracy"], axis, spec.finish_epochs)
+                found["rows"]["joint, finished"] = summary(finished, axis)
             found["rows"]["joint, bit-packed"] = {
                 "best_ratio": bit_packed(prepared, found["rows"]["joint"]["best_ratio"])
             }
@@ -224,24 +261,22 @@ def _study(
 
 
 def run_bench(
-    out: Path,
-    models: list[str],
-    n_trials: int,
-    experiments_dir: Path,
-    overrides: list[str] = (),
-    progress: Callable[[str], None] = logger.info,
+    out: Path, models: list[str], n_trials: int, experiments_dir: Path, overrides: list[str] = ()
 ) -> dict[str, Any]:
     results: dict[str, Any] = {"max_test_accuracy_drop": MAX_DROP, "n_trials": n_trials, "models": {}}
     for model in models:
-        base = load_config(experiments_dir / EXPERIMENTS[model], list(overrides))
-        entry: dict[str, Any] = {"deep_compression_ratio": DEEP_COMPRESSION[model], "techniques": {}}
+        spec = MODELS[model]
+        base = load_config(experiments_dir / spec.experiment, list(overrides))
+        entry: dict[str, Any] = {"techniques": {}, "axes": axes(base)}
+        if spec.deep_compression_ratio:
+            entry["deep_compression_ratio"] = spec.deep_compression_ratio
         seeds: dict[tuple, str] = {}  # parameters the joint study starts from → where they came from
         bests: dict[str, dict[str, dict[str, Any]]] = {}
         for technique in TECHNIQUES:
             if technique == "joint":
-                for params, origin in stacked(bests):
+                for params, origin in stacked(bests, list(entry["axes"])[-1]):
                     seeds.setdefault(tuple(sorted(params.items())), origin)
-            found = _study(out, technique_config(base, model, technique), technique, n_trials, seeds, progress)
+            found = _study(out, model, technique_config(base, model, technique), technique, n_trials, seeds)
             bests[technique] = found["bests"]
             for axis, row in found["bests"].items():
                 seeds.setdefault(tuple(sorted(params_of(row).items())), f"{technique} trial {row['trial']} ({axis})")
@@ -255,7 +290,7 @@ def run_bench(
                 for name, t in entry["techniques"].items()
                 if name in TECHNIQUES and name != "joint"
             )
-            for axis, metric in AXES.items()
+            for axis, metric in entry["axes"].items()
         }
         results["models"][model] = entry
         _write(out, results)
@@ -277,22 +312,28 @@ def _cell(best: dict[str, Any] | None, metric: str) -> str:
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Best figures among Pareto finalists within a {100 * MAX_DROP:.1f}-point test-accuracy drop "
-        f"({results['n_trials']} trials per study, Fashion-MNIST, ONNX Runtime, 1 thread). "
-        "Compression ratios are against the baseline's own packed file.",
+        f"({results['n_trials']} trials per study, ONNX Runtime, 1 thread): the LeNets on Fashion-MNIST, "
+        "MiniLM on Rotten Tomatoes. Compression ratios are against the baseline's own packed file; "
+        "the last column is the speedup at each model's largest timed batch.",
         "",
-        "| model | technique | compression ratio | speedup batch 1 | speedup batch 64 |",
+        "| model | technique | compression ratio | speedup batch 1 | speedup large batch |",
         "| --- | --- | --- | --- | --- |",
     ]
     for model, entry in results["models"].items():
-        b = entry["baseline"]
+        b, axis = entry["baseline"], entry["axes"]
+        large = list(axis)[-1].removeprefix("best_speedup_b")
         lines.append(
             f"| {model} | baseline | {b['size_bytes'] / 1024:.1f} kB, test acc {b['test_accuracy']:.4f} | "
-            f"{b.get('latency_ms', float('nan')):.3f} ms | {b.get('latency_ms_b64', float('nan')):.3f} ms |"
+            f"{b.get('latency_ms', float('nan')):.3f} ms | "
+            f"{b.get(f'latency_ms_b{large}', float('nan')):.3f} ms (batch {large}) |"
         )
         for technique, t in entry["techniques"].items():
-            cells = [_cell(t.get(axis), metric) if axis in t else "" for axis, metric in AXES.items()]
+            cells = [_cell(t.get(a), metric) if a in t else "" for a, metric in axis.items()]
             lines.append(f"| {model} | {technique} | {' | '.join(cells)} |")
-        lines.append(f"| {model} | Deep Compression (MNIST, published) | {entry['deep_compression_ratio']:.0f}x | | |")
+        if "deep_compression_ratio" in entry:
+            lines.append(
+                f"| {model} | Deep Compression (MNIST, published) | {entry['deep_compression_ratio']:.0f}x | | |"
+            )
         if "ort_reference" in entry:
             for name, row in entry["ort_reference"]["rows"].items():
                 speeds = [f"{row[k]:.2f}x" for k in sorted((k for k in row if k.startswith("speedup_b")), key=len)]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.bench import EXPERIMENTS, technique_config
+from experiments.bench import MODELS, technique_config
 from search import front
 from search.config import load_config, parse_config
 from search.loop import run_trials
@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 def measure(model: str, seed: int, n_trials: int, out: Path, candidates: list[dict] | None = None) -> dict:
     """One study: sampler-driven with the check off, or evaluating `candidates` with it on."""
     early_stop = candidates is not None
-    raw = technique_config(load_config(HERE / EXPERIMENTS[model]), model, "joint").to_dict()
+    raw = technique_config(load_config(HERE / MODELS[model].experiment), model, "joint").to_dict()
     raw["name"] = f"early-stop-{model}-{'on' if early_stop else 'off'}-seed{seed}"
     raw["seed"] = seed
     raw["search"].update(early_stop=early_stop, anchors=not early_stop)
@@ -66,7 +66,7 @@ def measure(model: str, seed: int, n_trials: int, out: Path, candidates: list[di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(EXPERIMENTS), default="lenet300")
+    parser.add_argument("--model", choices=sorted(MODELS), default="lenet300")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--n-trials", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("runs/early-stop"))

@@ -200,3 +200,29 @@ def tiny_reviews(data_dir=None):
         texts, labels = review_texts(n, seed)
         splits.append((tokenize(texts, 16), labels))
     return splits[0], splits[1], preprocessing(16)
+
+
+# A text search on the tiny BERT and made-up reviews, a few seconds a trial.
+TEXT_SMOKE = {
+    "name": "text-smoke",
+    "workload": {
+        "model": "tests.helpers:tiny_bert",
+        "dataset": "tests.helpers:tiny_reviews",
+        "metric": "macro_f1",
+        "val_size": 80,
+        "training": {"epochs": 3, "lr": 2.0e-3, "batch_size": 16, "optimizer": "adamw", "weight_decay": 0.01},
+    },
+    "search_space": {
+        "pruning.head_ratio": [0.0, 0.5],
+        "pruning.ffn_ratio": [0.0, 0.5],
+        "quantization.weight_bits": [8, 32],
+        "quantization.activation_bits": [8, 32],
+        "distillation.epochs": [0, 1],
+        "distillation.optimizer": "adamw",
+        "distillation.lr": [1.0e-4, 1.0e-3],
+        "distillation.alpha": 0.5,
+        "distillation.temperature": 2.0,
+    },
+    "search": {"n_trials": 4, "finetune_size": 120, "calibration_size": 32, "batch_size": 16},
+    "latency": {"batch_sizes": [1], "sequence_length": 16, "warmup": 1, "repeats": 3, "final_repeats": 3},
+}

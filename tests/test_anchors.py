@@ -73,7 +73,7 @@ def test_the_deep_compression_anchor_needs_both_pruning_options_and_leaves_the_l
     assert "distillation.alpha" not in anchor and "distillation.temperature" not in anchor
 
 
-def test_the_text_experiment_starts_from_each_technique_and_a_half_depth_student():
+def test_the_text_experiment_starts_from_each_technique_a_half_depth_student_and_a_narrow_int8_one():
     from search.config import load_config
     from tests.conftest import ROOT
 
@@ -81,8 +81,16 @@ def test_the_text_experiment_starts_from_each_technique_and_a_half_depth_student
     from strategies.registry import build_strategies
 
     anchors = anchor_params(build_strategies(config.search_space))
-    assert list(anchors) == ["int8", "4-bit", "heads-ffn-50", "student-half-depth"]
+    assert list(anchors) == ["int8", "4-bit", "heads-ffn-50", "student-half-depth", "student-narrow-int8"]
     student = anchors["student-half-depth"]
     assert student["pruning.layer_ratio"] == 0.5 and student["distillation.epochs"] == 1
     assert student["pruning.head_ratio"] == 0.0 and student["quantization.weight_bits"] == 32
     assert "distillation.lr" not in student  # the sampler's
+    narrow = anchors["student-narrow-int8"]
+    assert (narrow["pruning.head_ratio"], narrow["pruning.ffn_ratio"], narrow["pruning.layer_ratio"]) == (
+        0.375,
+        0.25,
+        0.17,
+    )
+    assert narrow["quantization.weight_bits"] == narrow["quantization.activation_bits"] == 8
+    assert narrow["distillation.epochs"] == 1 and narrow["distillation.lr"] == 2e-4

@@ -14,31 +14,8 @@ import yaml
 from objectives.task import MacroF1
 from search.cli import main
 from search.package import load_package
+from tests.helpers import TEXT_SMOKE as CONFIG
 from tests.helpers import review_texts
-
-CONFIG = {
-    "name": "text-smoke",
-    "workload": {
-        "model": "tests.helpers:tiny_bert",
-        "dataset": "tests.helpers:tiny_reviews",
-        "metric": "macro_f1",
-        "val_size": 80,
-        "training": {"epochs": 3, "lr": 2.0e-3, "batch_size": 16, "optimizer": "adamw", "weight_decay": 0.01},
-    },
-    "search_space": {
-        "pruning.head_ratio": [0.0, 0.5],
-        "pruning.ffn_ratio": [0.0, 0.5],
-        "quantization.weight_bits": [8, 32],
-        "quantization.activation_bits": [8, 32],
-        "distillation.epochs": [0, 1],
-        "distillation.optimizer": "adamw",
-        "distillation.lr": [1.0e-4, 1.0e-3],
-        "distillation.alpha": 0.5,
-        "distillation.temperature": 2.0,
-    },
-    "search": {"n_trials": 4, "finetune_size": 120, "calibration_size": 32, "batch_size": 16},
-    "latency": {"batch_sizes": [1], "sequence_length": 16, "warmup": 1, "repeats": 3, "final_repeats": 3},
-}
 
 
 def write_config(tmp_path, **changes):
