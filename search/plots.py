@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 def _save(fig: Any, path: Path, dpi: int) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1 if fig.legends else 0, 1, 1))  # room for a legend below the plots
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
@@ -81,7 +81,8 @@ def write_plot(
         ax.set_xlabel(label)
         ax.set_ylabel(f"val {m}")
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="best", fontsize="small")
+    # below both plots, where it hides no point
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize="small", frameon=False)
     return _save(fig, path, 110)
 
 

@@ -200,7 +200,8 @@ def _table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222}
-table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+table{border-collapse:collapse;font-size:.9em}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right;white-space:nowrap}
 th{background:#f3f3f3}.pick{background:#eef7ee;border:1px solid #9c9;padding:.6em 1em}img{max-width:100%}"""
 
 
@@ -211,7 +212,8 @@ def _recommendation_html(summary: Mapping[str, Any], run_dir: Path) -> str:
         return f"<p>No recommendation: {html.escape(summary['rule'])}.</p>"
     others = [(label, r) for label, r in summary.get("alternatives", {}).items() if r["trial"] != row["trial"]]
     items = "".join(
-        f"<li>{html.escape(label)}: trial {html.escape(_describe(r, m, baseline))}</li>" for label, r in others
+        f"<li>{html.escape(label)}: trial {r['trial']}, {html.escape(_describe(r, m, baseline))}</li>"
+        for label, r in others
     )
     command = f"autocompress export --run-dir {run_dir} --trial {row['trial']} --out {run_dir}/package"
     return (

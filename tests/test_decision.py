@@ -221,6 +221,8 @@ def test_constrained_search_recommends_a_feasible_model_and_reports_it(constrain
         assert f"<h2>{section}</h2>" in page
     assert f"Ship trial {pick['trial']}" in page and page.count("data:image/png;base64,") == 2
     assert f"--trial {pick['trial']} --out" in page and " pt)" in page
+    for label, other in summary["alternatives"].items():  # each alternative by its trial number
+        assert other["trial"] == pick["trial"] or f"<li>{label}: trial {other['trial']}, val accuracy" in page
     assert not re.search(r"(src|href)=\"(http|/)", page)  # self-contained
 
     parents, children = runs_of(run_dir)
