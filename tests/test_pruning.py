@@ -341,6 +341,7 @@ def test_anchors_are_in_rank_order_and_inside_the_default_space():
         "student-smallest",
         "pruned-92-recovered",
         "student-half-depth",
+        "student-narrow-int8",
     ]
     assert [a.name for a in anchors] == names
     defaults = {key: param for cls in pipeline() for key, param in cls.default_space.items()}
