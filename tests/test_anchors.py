@@ -73,7 +73,7 @@ def test_the_deep_compression_anchor_needs_both_pruning_options_and_leaves_the_l
     assert "distillation.alpha" not in anchor and "distillation.temperature" not in anchor
 
 
-def test_the_text_experiment_starts_from_each_technique_a_half_depth_student_and_a_narrow_int8_one():
+def test_the_text_experiment_starts_from_each_technique_students_and_recovered_low_bit_models():
     from search.config import load_config
     from tests.conftest import ROOT
 
@@ -81,7 +81,14 @@ def test_the_text_experiment_starts_from_each_technique_a_half_depth_student_and
     from strategies.registry import build_strategies
 
     anchors = anchor_params(build_strategies(config.search_space))
-    assert list(anchors) == ["int8", "4-bit", "heads-ffn-50", "student-half-depth", "student-narrow-int8"]
+    assert list(anchors) == [
+        "int8",
+        "4-bit",
+        "heads-ffn-50",
+        "student-half-depth",
+        "student-narrow-int8",
+        "4-bit-recovered",
+    ]
     student = anchors["student-half-depth"]
     assert student["pruning.layer_ratio"] == 0.5 and student["distillation.epochs"] == 1
     assert student["pruning.head_ratio"] == 0.0 and student["quantization.weight_bits"] == 32
@@ -94,3 +101,7 @@ def test_the_text_experiment_starts_from_each_technique_a_half_depth_student_and
     )
     assert narrow["quantization.weight_bits"] == narrow["quantization.activation_bits"] == 8
     assert narrow["distillation.epochs"] == 1 and narrow["distillation.lr"] == 2e-4
+    low_bit = anchors["4-bit-recovered"]
+    assert (low_bit["quantization.weight_bits"], low_bit["quantization.activation_bits"]) == (4, 8)
+    assert low_bit["pruning.head_ratio"] == low_bit["pruning.layer_ratio"] == 0.0
+    assert low_bit["distillation.epochs"] == 1 and low_bit["distillation.lr"] == 2e-4
