@@ -342,6 +342,7 @@ def test_anchors_are_in_rank_order_and_inside_the_default_space():
         "pruned-92-recovered",
         "student-half-depth",
         "student-narrow-int8",
+        "4-bit-recovered",
     ]
     assert [a.name for a in anchors] == names
     defaults = {key: param for cls in pipeline() for key, param in cls.default_space.items()}
