@@ -227,7 +227,7 @@ class Distillation(Strategy):
             rank=9,
         ),
         # An encoder's full-width int8-activation model at 4-bit weights (the embedding table
-        # included, so about 8.7x smaller), recovered at the same rate. It names the head ratio
+        # included: 8.4x smaller in a probe), recovered at the same rate. It names the head ratio
         # (off) so that only encoder spaces express it: the LeNets' fine-tunes use other rates.
         Anchor(
             "4-bit-recovered",
