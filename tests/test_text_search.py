@@ -56,6 +56,13 @@ def test_a_text_search_scores_its_metric_and_exports_a_package_that_runs_from_th
     parent = next(r for r in runs if PARENT_TAG not in r.data.tags)
     assert parent.data.params["config.workload.metric"] == "macro_f1"
     assert parent.data.params["config.search.n_trials"] == "4"
+    # each recorded speedup is re-timed from the trial's ONNX file alone, with named inputs
+    from search.verify import verify_speedups
+
+    rows = verify_speedups(run_dir, repeats=5)
+    assert {r["trial"] for r in rows} == {int(c.data.tags["optuna.trial"]) for c in children}
+    assert {r["batch_size"] for r in rows} == set(CONFIG["latency"]["batch_sizes"])
+    assert all(r["standalone_speedup"] > 0 for r in rows)
     # the study storage names its objectives, as optuna-dashboard shows them
     from tests.helpers import load_study
 
