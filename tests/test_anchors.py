@@ -73,14 +73,16 @@ def test_the_deep_compression_anchor_needs_both_pruning_options_and_leaves_the_l
     assert "distillation.alpha" not in anchor and "distillation.temperature" not in anchor
 
 
-def test_the_text_experiment_starts_from_each_technique_students_and_recovered_low_bit_models():
+def _text_anchors():
     from search.config import load_config
+    from strategies.registry import build_strategies
     from tests.conftest import ROOT
 
-    config = load_config(ROOT / "experiments" / "rt_minilm.yaml")
-    from strategies.registry import build_strategies
+    return anchor_params(build_strategies(load_config(ROOT / "experiments" / "rt_minilm.yaml").search_space))
 
-    anchors = anchor_params(build_strategies(config.search_space))
+
+def test_the_text_experiment_starts_from_each_technique_students_and_recovered_low_bit_models():
+    anchors = _text_anchors()
     assert list(anchors) == [
         "int8",
         "4-bit",
@@ -105,3 +107,29 @@ def test_the_text_experiment_starts_from_each_technique_students_and_recovered_l
     assert (low_bit["quantization.weight_bits"], low_bit["quantization.activation_bits"]) == (4, 8)
     assert low_bit["pruning.head_ratio"] == low_bit["pruning.layer_ratio"] == 0.0
     assert low_bit["distillation.epochs"] == 1 and low_bit["distillation.lr"] == 2e-4
+
+
+def test_the_narrow_int8_student_keeps_7_of_12_heads_three_quarters_of_the_ffn_and_5_of_6_layers():
+    """On MiniLM's geometry (6 layers of 12 heads), scaled down: the anchor's ratios remove
+    what the README says they remove: Torch-Pruning keeps int(12 x 0.625) = 7 heads, not 7.5 rounded."""
+    import torch
+    import transformers
+
+    from experiments.text import EncoderClassifier
+    from strategies.transformer import EncoderPruningConfig, prune_encoder_
+    from tests.helpers import texts
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=24, num_hidden_layers=6, num_attention_heads=12, intermediate_size=96
+    )
+    model = EncoderClassifier(transformers.BertModel(config, add_pooling_layer=False)).eval()
+    narrow = {key.split(".")[1]: value for key, value in _text_anchors()["student-narrow-int8"].items()}
+    x = texts(4)
+    ratios = {key: narrow[key] for key in ("head_ratio", "ffn_ratio", "layer_ratio")}
+    prune_encoder_(model, EncoderPruningConfig(**ratios), x[:1])
+    stack = model.encoder.encoder.layer
+    assert len(stack) == 5
+    assert {layer.attention.self.num_attention_heads for layer in stack} == {7}
+    assert {layer.intermediate.dense.out_features for layer in stack} == {72}
+    assert model(x).shape == (4, 2)
