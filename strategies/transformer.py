@@ -74,7 +74,8 @@ def prune_encoder_(model: nn.Module, config: EncoderPruningConfig, example_input
     del layers[keep:]
     attention = [layer.attention.self for layer in layers]
     heads = {a: a.query.out_features // a.attention_head_size for a in attention}
-    if config.head_ratio and any(round(n * (1 - config.head_ratio)) < 1 for n in heads.values()):
+    # Torch-Pruning keeps int(n * (1 - ratio)) heads of n.
+    if config.head_ratio and any(int(n * (1 - config.head_ratio)) < 1 for n in heads.values()):
         raise EncoderPruningError(f"pruning.head_ratio {config.head_ratio} would remove every head of a layer")
     ratios: dict[nn.Module, float] = {}
     num_heads: dict[nn.Module, int] = {}

@@ -56,7 +56,8 @@ def test_a_pruned_encoder_quantizes_to_integer_kernels_that_agree(tmp_path):
 def test_encoder_pruning_refuses_models_it_cannot_prune():
     with pytest.raises(EncoderPruningError, match="no BERT-style encoder layers"):
         prune_encoder_(random_model(), EncoderPruningConfig(ffn_ratio=0.5), torch.zeros(1, 1, 28, 28))
-    with pytest.raises(EncoderPruningError, match="every head"):
-        prune_encoder_(tiny_bert(), EncoderPruningConfig(head_ratio=0.9), texts()[:1])
+    for ratio in (0.9, 0.8):  # 0.8 of 4 heads keeps 0.8, which Torch-Pruning rounds down to none
+        with pytest.raises(EncoderPruningError, match="every head"):
+            prune_encoder_(tiny_bert(), EncoderPruningConfig(head_ratio=ratio), texts()[:1])
     with pytest.raises(ValueError, match=r"pruning.ffn_ratio must be in \[0, 1\)"):
         EncoderPruningConfig(ffn_ratio=1.0)
