@@ -8,6 +8,7 @@ is deployed delivers. A file faster alone than recorded is no false claim, and p
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from search.rundir import baseline_dir, load_run_config, trial_dir
 from search.storage import open_study
 from strategies.inputs import TENSOR_INPUT_NAME, Inputs, NamedInputs, runtime_feed
 from strategies.runtime import ONNX_NAME, ort_session
+
+logger = logging.getLogger(__name__)
 
 
 def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) -> list[dict[str, Any]]:
@@ -34,10 +37,13 @@ def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) 
     baseline = ort_session(baseline_dir(run_dir) / ONNX_NAME, lat.threads)
     example = _example_inputs(baseline, lat.sequence_length)
     rows = []
-    for trial in open_study(run_dir, config, create=False).trials:
+    trials = [
+        t
+        for t in open_study(run_dir, config, create=False).trials
+        if t.state == TrialState.COMPLETE and (trial_dir(run_dir, t.number) / ONNX_NAME).exists()
+    ]
+    for done, trial in enumerate(trials, 1):
         path = trial_dir(run_dir, trial.number) / ONNX_NAME
-        if trial.state != TrialState.COMPLETE or not path.exists():
-            continue
         session = ort_session(path, lat.threads)
         for index, batch_size in enumerate(lat.batch_sizes):
             suffix = metric_suffix(index, batch_size)
@@ -61,6 +67,15 @@ def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) 
                     "standalone_speedup": alone,
                     "reproduced": math.log(alone / recorded) >= -math.log1p(allowed),
                 }
+            )
+            logger.info(
+                "[%d/%d] trial %d, batch %d: recorded %.2fx, alone %.2fx",
+                done,
+                len(trials),
+                trial.number,
+                batch_size,
+                recorded,
+                alone,
             )
     return rows
 
