@@ -33,7 +33,7 @@ from search.storage import open_study
 from search.workload import model_factory
 from strategies.artifact import load_artifact
 from strategies.inputs import runtime_feed
-from strategies.runtime import ARTIFACT_NAME, ONNX_NAME
+from strategies.runtime import ARTIFACT_NAME, ONNX_NAME, example_feed
 
 PACKAGE_VERSION = 1
 SPEC_NAME = "model.json"
@@ -169,10 +169,7 @@ def log_onnx_model(
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = {}
-        for i in session.get_inputs():
-            shape = [d if isinstance(d, int) else (1 if n == 0 else 8) for n, d in enumerate(i.shape)]
-            feed[i.name] = np.ones(shape, np.int64) if "int" in i.type else np.zeros(shape, np.float32)
+        feed = example_feed(session, length=8)
         output = session.run(None, feed)[0]
     example = feed if len(feed) > 1 else next(iter(feed.values()))
     return tracker.log_model(run_id, path, example, output, name)

@@ -13,14 +13,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from optuna.trial import TrialState
 
 from objectives.latency import latency_batch, metric_suffix, time_interleaved
 from search.rundir import baseline_dir, load_run_config, trial_dir
 from search.storage import open_study
-from strategies.inputs import TENSOR_INPUT_NAME, Inputs, NamedInputs, runtime_feed
-from strategies.runtime import ONNX_NAME, ort_session
+from strategies.inputs import from_runtime_feed, runtime_feed
+from strategies.runtime import ONNX_NAME, example_feed, ort_session
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +34,13 @@ def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) 
     config = load_run_config(run_dir)
     lat = config.latency
     baseline = ort_session(baseline_dir(run_dir) / ONNX_NAME, lat.threads)
-    example = _example_inputs(baseline, lat.sequence_length)
+    # Token values do not change an encoder's dense kernels' time, so ones time what the search timed.
+    example = from_runtime_feed(example_feed(baseline, lat.sequence_length))
     rows = []
-    trials = [
-        t
-        for t in open_study(run_dir, config, create=False).trials
-        if t.state == TrialState.COMPLETE and (trial_dir(run_dir, t.number) / ONNX_NAME).exists()
-    ]
-    for done, trial in enumerate(trials, 1):
-        path = trial_dir(run_dir, trial.number) / ONNX_NAME
+    complete = [t for t in open_study(run_dir, config, create=False).trials if t.state == TrialState.COMPLETE]
+    trials = [(t, trial_dir(run_dir, t.number) / ONNX_NAME) for t in complete]
+    trials = [(t, path) for t, path in trials if path.exists()]
+    for done, (trial, path) in enumerate(trials, 1):
         session = ort_session(path, lat.threads)
         for index, batch_size in enumerate(lat.batch_sizes):
             suffix = metric_suffix(index, batch_size)
@@ -78,29 +75,3 @@ def verify_speedups(run_dir: Path, repeats: int = 200, tolerance: float = 0.15) 
                 alone,
             )
     return rows
-
-
-_TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
-
-
-def _example_inputs(session: Any, sequence_length: int | None) -> Inputs:
-    """A batch of one shaped like the baseline's ONNX inputs: zeros for one float tensor; for named
-    inputs (token ids, masks), ones, at `sequence_length` where an axis is dynamic. An encoder's
-    dense kernels take as long whatever the token values, so this times what the search timed."""
-    inputs = session.get_inputs()
-    tensors = {}
-    for spec in inputs:
-        if spec.type not in _TORCH_TYPES:
-            raise ValueError(
-                f"the baseline's ONNX input {spec.name!r} has type {spec.type}, not one of {list(_TORCH_TYPES)}"
-            )
-        shape = [d if isinstance(d, int) else sequence_length for d in spec.shape[1:]]
-        if None in shape:
-            raise ValueError(
-                f"the baseline's ONNX input {spec.name!r} has a dynamic per-sample shape {spec.shape[1:]}, "
-                "and the run's config sets no latency.sequence_length"
-            )
-        tensors[spec.name] = torch.ones(1, *shape, dtype=_TORCH_TYPES[spec.type])
-    if len(inputs) == 1 and inputs[0].name == TENSOR_INPUT_NAME:
-        return torch.zeros_like(tensors[TENSOR_INPUT_NAME])
-    return NamedInputs(tensors)

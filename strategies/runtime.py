@@ -205,6 +205,24 @@ def _flatten_as_reshape(graph) -> None:
         graph.node.insert(index, helper.make_node("Reshape", [node.input[0], shape], list(node.output), name=shape))
 
 
+_FEED_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def example_feed(session, length: int | None) -> dict[str, np.ndarray]:
+    """A batch of one for an ONNX Runtime session's inputs: zeros for float inputs, ones for
+    integer ones (token ids, masks), `length` on every dynamic per-sample axis."""
+    feed = {}
+    for spec in session.get_inputs():
+        if spec.type not in _FEED_TYPES:
+            raise ValueError(f"ONNX input {spec.name!r} has type {spec.type}, not one of {list(_FEED_TYPES)}")
+        shape = [d if isinstance(d, int) else length for d in spec.shape[1:]]
+        if None in shape:
+            raise ValueError(f"ONNX input {spec.name!r} has a dynamic per-sample shape {spec.shape[1:]} and no length")
+        dtype = _FEED_TYPES[spec.type]
+        feed[spec.name] = (np.zeros if dtype == np.float32 else np.ones)((1, *shape), dtype)
+    return feed
+
+
 def ort_session(path: Path, threads: int):
     import onnxruntime as ort
 

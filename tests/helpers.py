@@ -142,17 +142,17 @@ def distinct_codes_per_channel(module):
     return [len(torch.unique(row)) for row in module.weight.detach().flatten(1)]
 
 
-def tiny_bert():
+def tiny_bert(**geometry):
     """A text classifier on a randomly initialised 2-layer BERT-style encoder (hidden 32, four
-    heads of 8, FFN 64, MiniLM's vocabulary), mean-pooled with a linear head."""
+    heads of 8, FFN 64, MiniLM's vocabulary; `geometry` overrides these BertConfig fields),
+    mean-pooled with a linear head."""
     import transformers
 
     from experiments.text import EncoderClassifier
 
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-    )
+    fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64) | geometry
+    config = transformers.BertConfig(vocab_size=30522, **fields)
     return EncoderClassifier(transformers.BertModel(config, add_pooling_layer=False)).eval()
 
 

@@ -112,22 +112,14 @@ def test_the_text_experiment_starts_from_each_technique_students_and_recovered_l
 def test_the_narrow_int8_student_keeps_7_of_12_heads_three_quarters_of_the_ffn_and_5_of_6_layers():
     """On MiniLM's geometry (6 layers of 12 heads), scaled down: the anchor's ratios remove
     what the README says they remove: Torch-Pruning keeps int(12 x 0.625) = 7 heads, not 7.5 rounded."""
-    import torch
-    import transformers
-
-    from experiments.text import EncoderClassifier
     from strategies.transformer import EncoderPruningConfig, prune_encoder_
-    from tests.helpers import texts
+    from tests.helpers import texts, tiny_bert
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=24, num_hidden_layers=6, num_attention_heads=12, intermediate_size=96
-    )
-    model = EncoderClassifier(transformers.BertModel(config, add_pooling_layer=False)).eval()
-    narrow = {key.split(".")[1]: value for key, value in _text_anchors()["student-narrow-int8"].items()}
+    model = tiny_bert(hidden_size=24, num_hidden_layers=6, num_attention_heads=12, intermediate_size=96)
+    narrow = _text_anchors()["student-narrow-int8"]
     x = texts(4)
-    ratios = {key: narrow[key] for key in ("head_ratio", "ffn_ratio", "layer_ratio")}
-    prune_encoder_(model, EncoderPruningConfig(**ratios), x[:1])
+    ratios = (narrow[f"pruning.{name}"] for name in ("head_ratio", "ffn_ratio", "layer_ratio"))
+    prune_encoder_(model, EncoderPruningConfig(*ratios), x[:1])
     stack = model.encoder.encoder.layer
     assert len(stack) == 5
     assert {layer.attention.self.num_attention_heads for layer in stack} == {7}
