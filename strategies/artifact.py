@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from strategies.activations import set_input_quantization_
 from strategies.codebook import CODEBOOK
 from strategies.coding import decode_tensor, encode_tensor
 from strategies.fold import set_submodule_
@@ -57,7 +58,6 @@ from strategies.quantization import (
     QUANT_BUFFERS,
     WIDTH_BUFFER,
     quant_state,
-    set_input_quantization_,
     set_weight_quantization_,
 )
 

@@ -7,14 +7,9 @@ exactly `codes * scale`. The scale (`weight_scale`) and bit-width (`weight_bits`
 registered buffers, so they travel with copies and state dicts, and the codes are recovered
 exactly as round(weight / scale) by `quant_state`, which the artifact and ONNX writers share.
 
-Activations (optional): the input of every Conv2d/Linear is fake-quantized per tensor to
-uint8 (affine, min/max calibrated) with `torch.fake_quantize_per_tensor_affine`, which
-exports to ONNX QuantizeLinear/DequantizeLinear. It is a forward pre-hook reading the
-layer's `input_scale`/`input_zero_point` buffers rather than a wrapper module: a wrapper
-would rename every state-dict key and submodule (`0.weight` → `0.layer.weight`), while a
-hook keeps names, so the model still matches its factory; the hook is a module-level
-function, so deepcopy and pickling keep it. BatchNorm is folded first, so the quantized
-weights are the ones that really run.
+Activations (optional): the input of each Conv2d/Linear is fake-quantized per tensor to
+uint8 (`strategies.activations`), except where the runtime's float kernel is the faster one.
+BatchNorm is folded first, so the quantized weights are the ones that really run.
 
 Mixed precision (searched when the search space lists `quantization.mixed_precision`):
 `weight_bits` is then the average width over the weights, and each layer gets its own width,
@@ -40,7 +35,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from strategies import codebook, sensitivity
-from strategies.base import CompressionError, Context, Strategy, StrategyConfig, weight_layers
+from strategies.activations import QuantizationError, calibrate_inputs_, round_bias_to_accumulator_
+from strategies.base import Context, Strategy, StrategyConfig, weight_layers
 from strategies.fold import fold_batchnorm_
 from strategies.inputs import Inputs
 from strategies.space import Anchor, ChoiceParam
@@ -55,10 +51,6 @@ _INTEGER_BITS = tuple(b for b in WEIGHT_BITS if b != FLOAT_BITS)  # what a layer
 # The buffers of a quantized layer: its weights' scale and width, and its input's qparams.
 WIDTH_BUFFER = "weight_bits"
 QUANT_BUFFERS = ("weight_scale", WIDTH_BUFFER, "input_scale", "input_zero_point")
-
-
-class QuantizationError(CompressionError):
-    pass
 
 
 def _check_choice(field: str, value: Any, choices: tuple[int, ...]) -> None:
@@ -202,83 +194,6 @@ def resolve_layer_bits(model: nn.Module, config: QuantizationConfig, scan: Mappi
     counts = {name: int(torch.count_nonzero(m.weight)) for name, m in weight_layers(model)}
     widths = sensitivity.allocate(counts, scan, config.weight_bits)
     return dataclasses.replace(config, layer_bits=tuple((name, int(bits)) for name, bits in widths.items()))
-
-
-# -------------------------------------------------------------------- activations
-
-
-def _fake_quant_input(module: nn.Module, args: tuple) -> tuple:
-    x = torch.fake_quantize_per_tensor_affine(args[0], module.input_scale, module.input_zero_point, 0, 255)
-    return (x,) + args[1:]
-
-
-def set_input_quantization_(module: nn.Module, scale: float | torch.Tensor, zero_point: int | torch.Tensor) -> None:
-    """Fake-quantize the module's input to uint8 with these parameters from now on."""
-    hooked = hasattr(module, "input_scale")
-    module.register_buffer("input_scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()).clone())
-    module.register_buffer("input_zero_point", torch.as_tensor(zero_point, dtype=torch.int32).reshape(()).clone())
-    if not hooked:  # re-calibrating updates the buffers; a second hook would quantize twice
-        module.register_forward_pre_hook(_fake_quant_input)
-
-
-def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """Affine uint8 scale and zero point for [lo, hi], widened to hold 0 exactly (ReLU zeros, padding)."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / 255 if hi > lo else 1.0
-    return scale, int(min(255, max(0, round(-lo / scale))))
-
-
-def calibrate_inputs_(model: nn.Module, calibration_x: Inputs, batch_size: int) -> None:
-    """Observe each layer's input range on float activations (min/max), then turn fake-quant on."""
-    if len(calibration_x) == 0:
-        raise QuantizationError("activation quantization needs calibration data, got none")
-    ranges: dict[str, tuple[float, float]] = {}
-
-    def observer(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            lo, hi = float(args[0].min()), float(args[0].max())
-            old = ranges.get(name, (lo, hi))
-            ranges[name] = (min(old[0], lo), max(old[1], hi))
-
-        return hook
-
-    # an embedding's input is token ids: nothing to quantize there
-    layers = {name: m for name, m in weight_layers(model) if not isinstance(m, nn.Embedding)}
-    handles = [m.register_forward_pre_hook(observer(name)) for name, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(calibration_x), batch_size):
-                model(calibration_x[i : i + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, module in layers.items():
-        if name not in ranges:
-            logger.warning("layer %s never ran during calibration; its input stays float", name)
-            continue
-        lo, hi = ranges[name]
-        if not (torch.isfinite(torch.tensor([lo, hi])).all()):
-            raise QuantizationError(f"non-finite activations at the input of layer {name}")
-        set_input_quantization_(module, *uint8_qparams(lo, hi))
-
-
-def round_bias_to_accumulator_(model: nn.Module) -> None:
-    """Round each integer layer's bias to a multiple of input_scale × weight_scale.
-
-    That is the scale of the int32 accumulator, and ONNX Runtime's fused integer kernels
-    (QLinearConv, QGemm) add the bias there, rounded to an integer. Rounding it the same way
-    here keeps the simulation the model that runs. The coarser the weights, the coarser that
-    step: with 2-3-bit weights a float bias changed 0.1-0.3 % of LeNet-5's validation
-    predictions in ONNX Runtime (up to 0.8 % in searches, past the 0.5 % limit); rounded, none.
-    """
-    for _, module in weight_layers(model):
-        if getattr(module, "bias", None) is None or not (
-            hasattr(module, "input_scale") and hasattr(module, "weight_scale")
-        ):
-            continue
-        step = module.input_scale * module.weight_scale
-        with torch.no_grad():
-            module.bias.copy_(torch.round(module.bias / step) * step)
 
 
 # ---------------------------------------------------------------------- training

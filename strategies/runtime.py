@@ -7,6 +7,7 @@ measure what would be deployed rather than the PyTorch simulation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 import logging
@@ -181,6 +182,7 @@ def quantize_onnx_weights_(path: Path, model: nn.Module, max_signed_bits: int | 
         for node in reversed(nodes):
             graph.node.insert(0, node)
         _flatten_as_reshape(graph)
+        _pool_before_relu(graph)
         onnx.save(graph_model, str(path))
     return layers
 
@@ -203,6 +205,52 @@ def _flatten_as_reshape(graph) -> None:
         graph.initializer.append(numpy_helper.from_array(np.array([0, -1], dtype=np.int64), shape))
         graph.node.remove(node)
         graph.node.insert(index, helper.make_node("Reshape", [node.input[0], shape], list(node.output), name=shape))
+
+
+def _pool_before_relu(graph) -> None:
+    """Write Relu → MaxPool as MaxPool → Relu where a float layer feeds an integer one.
+
+    There ORT moves the integer layer's QuantizeLinear back through the MaxPool to the Relu
+    and runs the pool on uint8 with a generic NCHW kernel: measured on LeNet-5 at batch 64
+    (first conv float, the rest int8), 2.8 ms of a 6.2 ms call went to that one pool. With the
+    Relu after the pool, ORT stops there: the pool runs in float (0.3 ms) and the Relu folds
+    into the QuantizeLinear; the whole call took 3.1 ms. Max commutes with Relu (a
+    non-decreasing function), so both orders compute the same values. An integer layer's
+    Relu is left alone: ORT fuses it into that layer's integer kernel.
+    """
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def feeds_quantize(name: str) -> bool:
+        users = consumers.get(name, [])
+        if len(users) == 1 and users[0].op_type in ("Reshape", "Flatten"):
+            return feeds_quantize(users[0].output[0])
+        return bool(users) and all(n.op_type == "QuantizeLinear" for n in users)
+
+    def integer_input(node) -> bool:
+        source = producer.get(node.input[0]) if node.input else None
+        return source is not None and source.op_type == "DequantizeLinear"
+
+    nodes = list(graph.node)
+    order = list(range(len(nodes)))
+    for j, pool in enumerate(nodes):
+        relu = producer.get(pool.input[0]) if pool.op_type == "MaxPool" and len(pool.output) == 1 else None
+        if relu is None or relu.op_type != "Relu" or len(consumers[relu.output[0]]) != 1:
+            continue
+        source = producer.get(relu.input[0])
+        if not feeds_quantize(pool.output[0]) or (source is not None and integer_input(source)):
+            continue
+        before, between, after = relu.input[0], relu.output[0], pool.output[0]
+        pool.input[0], pool.output[0], relu.input[0], relu.output[0] = before, between, between, after
+        i = nodes.index(relu)
+        order[i], order[j] = order[j], order[i]
+    if order != sorted(order):
+        reordered = [copy.deepcopy(nodes[k]) for k in order]
+        del graph.node[:]
+        graph.node.extend(reordered)
 
 
 _FEED_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from strategies.activations import runs_faster_in_integer, set_input_quantization_
 from strategies.base import CompressionError, weight_layers
 from strategies.fold import fold_batchnorm_
 from strategies.quantization import (
@@ -12,7 +13,6 @@ from strategies.quantization import (
     Quantization,
     QuantizationConfig,
     QuantizationError,
-    set_input_quantization_,
 )
 from strategies.registry import parse_space
 from tests.helpers import context, distinct_codes_per_channel, inputs, lenet5_bn, mlp_bn, prune_, quantize, random_model
@@ -190,20 +190,32 @@ def test_int8_activations_are_calibrated_and_fake_quantized():
     ctx = context(n=96, batch_size=16)
     model = Quantization().apply(random_model(), QuantizationConfig(8, 8), ctx)
     layers = dict(weight_layers(model))
+    # the first conv has one input channel: ORT's float kernel is the faster one there
+    assert [name for name, layer in layers.items() if hasattr(layer, "input_scale")] == ["4", "9", "11"]
     seen = {}
     for name, layer in layers.items():
         layer.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
     with torch.no_grad():
         model(ctx.calibration_x[:8])
-    for name, layer in layers.items():
+    for name in ("4", "9", "11"):
+        layer = layers[name]
         scale, zero = float(layer.input_scale), int(layer.input_zero_point)
         assert scale > 0 and 0 <= zero <= 255
         steps = seen[name] / scale + zero  # what the layer receives lies on the uint8 grid
         assert torch.allclose(steps, steps.round(), atol=1e-3), name
         assert float(steps.min()) >= -1e-3 and float(steps.max()) <= 255 + 1e-3
-    # the network input has negative values, and they are representable
-    assert 0 < int(layers["0"].input_zero_point) < 255
     assert int(layers["9"].input_zero_point) == 0  # after ReLU the range starts at zero
+    # the network input has negative values, and they are representable
+    mlp = Quantization().apply(random_model(mlp_bn), QuantizationConfig(8, 8), ctx)
+    first = next(layer for _, layer in weight_layers(mlp))
+    assert 0 < int(first.input_zero_point) < 255
+
+
+@pytest.mark.parametrize("in_channels, integer", [(1, False), (3, False), (4, True), (16, True)])
+def test_convs_on_few_input_channels_keep_a_float_input(in_channels, integer):
+    conv, linear = nn.Conv2d(in_channels, 8, 3), nn.Linear(in_channels, 8)
+    assert runs_faster_in_integer(conv) is integer
+    assert runs_faster_in_integer(linear) and not runs_faster_in_integer(nn.Embedding(10, 4))
 
 
 def test_recalibrating_does_not_stack_fake_quant_hooks():
@@ -241,7 +253,8 @@ def test_quantized_model_exports_to_onnx_and_runs_the_same(tmp_path, bits, activ
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
     )
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
-    assert ops.count("QuantizeLinear") == (4 if activations == 8 else 0)  # one per layer input
+    # one per integer layer's input: all but the first conv (one input channel)
+    assert ops.count("QuantizeLinear") == (3 if activations == 8 else 0)
     # Graph optimisations off: this checks the exported graph computes what torch computes.
     # Optimised, ORT would re-quantize the float weights behind quantized inputs with codes
     # of its own; the runtime writes the trial's codes into the graph for that.
