@@ -56,10 +56,11 @@ def runs_faster_in_integer(module: nn.Module) -> bool:
 
     Not for a convolution on 1-3 input channels, an image's first layer: ORT runs that one
     with a direct NCHW float kernel, while its integer kernel gets too short a dot product
-    per output. Measured at batch 64, one thread, AVX512-VNNI, against float + the next
-    layer's QuantizeLinear: 1.3-1.5x slower in integer for 1→20 5x5, 1→32 3x3, 3→32 3x3 and
-    3→16 5x5; from 4 input channels on the integer kernel wins (0.61x for 4→32 3x3, 0.22-0.37x
-    for 8-32 channels). Embeddings' inputs are token ids: nothing to quantize there.
+    per output. Measured by `experiments.kernels` (batch 64, one thread, AVX512-VNNI; each
+    against float with the next layer's QuantizeLinear, `experiments/results/kernels.json`):
+    1.18-1.50x slower in integer for 1→20 5x5, 1→32 3x3, 3→32 3x3 and 3→16 5x5; from 4 input
+    channels on the integer kernel wins (0.81x for 4→32 3x3, 0.26-0.63x for 8-20 channels).
+    Embeddings' inputs are token ids: nothing to quantize there.
     """
     if isinstance(module, nn.Embedding):
         return False

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from experiments.bench import TECHNIQUES, axes, best_within, markdown, technique_config
@@ -212,3 +214,16 @@ def test_the_text_benchmark_runs_every_study_on_a_tiny_bert(tmp_path):
     assert entry["baseline"]["latency_ms_b4"] > 0
     table = (tmp_path / "bench" / "bench.md").read_text()
     assert "| minilm | weight sharing |" in table and "(batch 4)" in table and "Deep Compression" not in table
+
+
+def test_the_kernel_measurement_times_the_integer_and_the_float_input_of_one_conv(tmp_path):
+    from experiments import kernels
+
+    for integer in (True, False):
+        model, _ = kernels._model(1, 4, 3, 8, integer)
+        assert hasattr(model[0], "input_scale") is integer and hasattr(model[2], "input_scale")
+    row = kernels.measure(1, 4, 3, 8, batch_size=2, repeats=3)
+    assert row["integer_ms"] > 0 and row["float_ms"] > 0
+    assert row["integer_over_float"] == row["integer_ms"] / row["float_ms"]
+    kernels.main(["--repeats", "2", "--batch-size", "2", "--out", str(tmp_path / "k.json")])
+    assert len(json.loads((tmp_path / "k.json").read_text())["rows"]) == len(kernels.CASES)

@@ -123,7 +123,8 @@ def test_interrupt_marks_the_trial_and_exits_cleanly(tmp_path, sig):
 
 def test_failing_candidates_fail_alone_with_their_reason(tmp_path, monkeypatch):
     """NaN weights, a strategy that cannot apply, a time limit and running out of memory each
-    fail one trial; the study completes the rest."""
+    fail one trial; the study completes the rest. The limit leaves the other trials (1-2 s
+    here) room for a shared machine's load: at 3 s, one failed under load."""
     compress = strategies.pipeline.compress
     calls = []
 
@@ -143,14 +144,14 @@ def test_failing_candidates_fail_alone_with_their_reason(tmp_path, monkeypatch):
 
     monkeypatch.setattr(strategies.pipeline, "compress", faulty)
     run_dir = tmp_path / "run"
-    args = ["run", SMOKE, "--n-trials", "6", "--run-dir", str(run_dir), "--set", "search.trial_timeout=3"]
+    args = ["run", SMOKE, "--n-trials", "6", "--run-dir", str(run_dir), "--set", "search.trial_timeout=10"]
     assert main(args) == 0
     trials = finished(run_dir)
     assert [t.state.name for t in trials] == ["FAIL"] * 4 + ["COMPLETE"] * 2
     reasons = [t.user_attrs["fail_reason"] for t in trials[:4]]
     assert reasons[0].startswith("CompressionError: non-finite values in")
     assert reasons[1] == "CompressionError: this strategy cannot apply to this model"
-    assert "time limit" in reasons[2] and "search.trial_timeout = 3 s" in reasons[2]
+    assert "time limit" in reasons[2] and "search.trial_timeout = 10 s" in reasons[2]
     assert reasons[3].startswith("OutOfMemory: out of memory")
     assert all(v == v and abs(v) != float("inf") for t in trials[4:] for v in t.values)
     parent, runs = child_runs_by_trial(run_dir)
