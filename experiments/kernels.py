@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from objectives.latency import time_interleaved
-from strategies.activations import calibrate_inputs_, round_bias_to_accumulator_, set_input_quantization_, uint8_qparams
+from strategies.activations import round_bias_to_accumulator_, set_input_quantization_, uint8_qparams
 from strategies.quantization import quantize_weights_
 from strategies.runtime import cpu_has_vnni, export_onnx, ort_session, quantize_onnx_weights_
 
@@ -31,34 +31,26 @@ CASES = [(1, 20, 5, 28), (1, 32, 3, 28), (3, 32, 3, 32), (3, 16, 5, 32)]
 CASES += [(4, 32, 3, 28), (8, 32, 3, 28), (16, 32, 3, 28), (20, 50, 5, 12)]
 
 
-def _model(cin: int, cout: int, k: int, side: int, integer: bool) -> tuple[nn.Module, torch.Tensor]:
+def _model(cin: int, cout: int, k: int, side: int, integer: bool) -> nn.Module:
+    """The case's conv (int8 or float input, 8-bit weight codes either way), then an int8 1×1 conv."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(cin, cout, k), nn.ReLU(), nn.Conv2d(cout, 16, 1)).eval()
     x = torch.rand(64, cin, side, side)
     quantize_weights_(model, lambda _: 8)
-    calibrate_inputs_(model, x, 64)  # the 1×1 conv always; the case's conv by the rule
-    if integer and not hasattr(model[0], "input_scale"):
+    with torch.no_grad():
+        hidden = model[:2](x)  # ranges on float activations, as calibration observes them
+    set_input_quantization_(model[2], *uint8_qparams(float(hidden.min()), float(hidden.max())))
+    if integer:
         set_input_quantization_(model[0], *uint8_qparams(float(x.min()), float(x.max())))
-    if not integer and hasattr(model[0], "input_scale"):
-        model[0] = _float_input_copy(model[0])
     round_bias_to_accumulator_(model)
-    return model, x
-
-
-def _float_input_copy(conv: nn.Conv2d) -> nn.Conv2d:
-    """The same conv and weight codes without the input quantization."""
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size)
-    plain.load_state_dict({k: v for k, v in conv.state_dict().items() if k in ("weight", "bias")})
-    for name in ("weight_scale", "weight_bits"):
-        plain.register_buffer(name, getattr(conv, name).clone())
-    return plain.eval()
+    return model
 
 
 def measure(cin: int, cout: int, k: int, side: int, batch_size: int, repeats: int) -> dict:
     sessions = []
     with tempfile.TemporaryDirectory() as tmp:
         for integer in (True, False):
-            model, _ = _model(cin, cout, k, side, integer)
+            model = _model(cin, cout, k, side, integer)
             path = export_onnx(model, torch.zeros(1, cin, side, side), Path(tmp) / f"{integer}.onnx")
             quantize_onnx_weights_(path, model)
             sessions.append(ort_session(path, 1))

@@ -7,7 +7,6 @@ measure what would be deployed rather than the PyTorch simulation.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import io
 import logging
@@ -226,7 +225,7 @@ def _pool_before_relu(graph) -> None:
 
     def feeds_quantize(name: str) -> bool:
         users = consumers.get(name, [])
-        if len(users) == 1 and users[0].op_type in ("Reshape", "Flatten"):
+        if len(users) == 1 and users[0].op_type == "Reshape":  # Flatten is a Reshape by now
             return feeds_quantize(users[0].output[0])
         return bool(users) and all(n.op_type == "QuantizeLinear" for n in users)
 
@@ -234,23 +233,18 @@ def _pool_before_relu(graph) -> None:
         source = producer.get(node.input[0]) if node.input else None
         return source is not None and source.op_type == "DequantizeLinear"
 
-    nodes = list(graph.node)
-    order = list(range(len(nodes)))
-    for j, pool in enumerate(nodes):
+    for pool in list(graph.node):
         relu = producer.get(pool.input[0]) if pool.op_type == "MaxPool" and len(pool.output) == 1 else None
         if relu is None or relu.op_type != "Relu" or len(consumers[relu.output[0]]) != 1:
             continue
         source = producer.get(relu.input[0])
         if not feeds_quantize(pool.output[0]) or (source is not None and integer_input(source)):
             continue
-        before, between, after = relu.input[0], relu.output[0], pool.output[0]
-        pool.input[0], pool.output[0], relu.input[0], relu.output[0] = before, between, between, after
-        i = nodes.index(relu)
-        order[i], order[j] = order[j], order[i]
-    if order != sorted(order):
-        reordered = [copy.deepcopy(nodes[k]) for k in order]
-        del graph.node[:]
-        graph.node.extend(reordered)
+        # The edges stay; the two nodes trade what they compute, so the graph stays in order.
+        relu.attribute.extend(pool.attribute)
+        del pool.attribute[:]
+        relu.op_type, pool.op_type = "MaxPool", "Relu"
+        relu.name, pool.name = pool.name, relu.name
 
 
 _FEED_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}

@@ -220,7 +220,7 @@ def test_the_kernel_measurement_times_the_integer_and_the_float_input_of_one_con
     from experiments import kernels
 
     for integer in (True, False):
-        model, _ = kernels._model(1, 4, 3, 8, integer)
+        model = kernels._model(1, 4, 3, 8, integer)
         assert hasattr(model[0], "input_scale") is integer and hasattr(model[2], "input_scale")
     row = kernels.measure(1, 4, 3, 8, batch_size=2, repeats=3)
     assert row["integer_ms"] > 0 and row["float_ms"] > 0
